@@ -1,1 +1,39 @@
+//! plugca: an Istio-compatible certificate authority for plugged-in CA certificates.
+//!
+//! # Layout
+//! The modules follow a request's path:
+//! - [`config`]: command-line flags and environment to a typed [`config::Config`].
+//! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing.
+//! - [`authn`]: who the caller is ([`authn::Caller`]), one module per authenticator.
+//! - [`csr`]: untrusted CSR bytes to a [`csr::VerifiedCsr`].
+//! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
+//! - [`server`]: the gRPC service and the one error-to-status mapping.
+//! - [`tls`]: the serving certificate and the TLS listener.
+//! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
+//! - [`app`]: binds the listeners and runs everything.
+//! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`).
+//! - [`identity`], [`pem`], [`asn1`], [`duration`]: shared building blocks.
+#![forbid(unsafe_code)]
 
+pub mod app;
+pub mod asn1;
+pub mod authn;
+pub mod ca;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod csr;
+pub mod duration;
+pub mod fsutil;
+pub mod identity;
+pub mod issuance;
+pub mod metrics;
+pub mod monitoring;
+pub mod pem;
+pub mod server;
+pub mod tls;
+
+/// Generated protobuf and gRPC code for `istio.v1.auth`.
+pub mod pb {
+    tonic::include_proto!("istio.v1.auth");
+}

@@ -1,1 +1,53 @@
-fn main(){}
+//! The `plugca` binary: parse flags, set up logging, run the chosen command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use plugca::app::App;
+use plugca::cli::{Cli, Command, EXIT_START, EXIT_USAGE};
+use plugca::config::LogFormat;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command else {
+        init_tracing(LogFormat::Text);
+        return plugca::cli::run(cli.command).await;
+    };
+    let log_format = args.log_format;
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("plugca: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_tracing(log_format);
+    let app = match App::build(&config).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("plugca: error: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    tracing::info!(grpc = %app.grpc_addr(), monitoring = %app.monitoring_addr(), "listening");
+    match app.run(plugca::app::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plugca: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,135 @@
+//! Who is calling: a [`Caller`] can only be built by an authenticator. Each
+//! authenticator is its own module behind the [`Authenticator`] trait and runs
+//! in istiod's order (client certificate first); the first success wins.
+
+pub mod client_cert;
+pub mod jwt;
+pub mod trusted_csr;
+
+use std::net::SocketAddr;
+
+use rustls_pki_types::CertificateDer;
+use tonic::metadata::MetadataMap;
+
+use crate::asn1::GeneralName;
+use crate::metrics::AuthnKind;
+
+/// What an authenticator may look at. Never logged: it holds tokens.
+pub struct RequestContext<'a> {
+    pub metadata: &'a MetadataMap,
+    /// The verified client chain, leaf first, when the peer sent one.
+    pub peer_certs: Option<&'a [CertificateDer<'static>]>,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// An authenticated caller and the identities it proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    identities: Vec<String>,
+    kind: AuthnKind,
+    /// A short, non-secret description of the proof (issuer, cert serial) for logs.
+    detail: String,
+}
+
+impl Caller {
+    /// Only authenticators build callers.
+    pub(crate) fn new(identities: Vec<String>, kind: AuthnKind, detail: String) -> Self {
+        Caller {
+            identities,
+            kind,
+            detail,
+        }
+    }
+
+    pub fn identities(&self) -> &[String] {
+        &self.identities
+    }
+
+    pub fn kind(&self) -> AuthnKind {
+        self.kind
+    }
+
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The SANs the leaf gets, in istiod's mapping: IP literal -> iPAddress,
+    /// `spiffe://` -> URI, anything else -> dNSName.
+    pub fn sans(&self) -> Vec<GeneralName> {
+        self.identities
+            .iter()
+            .map(|id| {
+                if let Ok(ip) = id.parse() {
+                    GeneralName::Ip(ip)
+                } else if id.starts_with("spiffe://") {
+                    GeneralName::Uri(id.clone())
+                } else {
+                    GeneralName::Dns(id.clone())
+                }
+            })
+            .collect()
+    }
+}
+
+/// Why an authenticator refused. Logged, never sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthnError {
+    #[error("client certificate: {0}")]
+    ClientCert(#[from] client_cert::ClientCertError),
+    #[error("JWT: {0}")]
+    Jwt(#[from] jwt::JwtError),
+    #[error("CSR identity (lab mode): {0}")]
+    TrustedCsr(#[from] trusted_csr::TrustedCsrError),
+}
+
+/// One way to authenticate a request.
+#[tonic::async_trait]
+pub trait Authenticator: Send + Sync {
+    /// Name used in logs.
+    fn name(&self) -> &'static str;
+
+    /// `Ok(None)` when the request carries nothing for this authenticator
+    /// (no client certificate, no bearer token); `Err` when it does but it fails.
+    async fn authenticate(&self, ctx: &RequestContext<'_>) -> Result<Option<Caller>, AuthnError>;
+}
+
+/// The authenticators of a server, in order.
+pub struct Authenticators {
+    chain: Vec<Box<dyn Authenticator>>,
+}
+
+/// The outcome of running every authenticator.
+#[derive(Debug)]
+pub enum AuthnOutcome {
+    Authenticated(Caller),
+    /// No authenticator accepted; each failure that was reported, in order.
+    Refused(Vec<AuthnError>),
+}
+
+impl Authenticators {
+    pub fn new(chain: Vec<Box<dyn Authenticator>>) -> Self {
+        Authenticators { chain }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.chain.iter().map(|a| a.name()).collect()
+    }
+
+    pub async fn authenticate(&self, ctx: &RequestContext<'_>) -> AuthnOutcome {
+        let mut failures = Vec::new();
+        for a in &self.chain {
+            match a.authenticate(ctx).await {
+                Ok(Some(caller)) if !caller.identities.is_empty() => {
+                    return AuthnOutcome::Authenticated(caller);
+                }
+                Ok(_) => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        AuthnOutcome::Refused(failures)
+    }
+}

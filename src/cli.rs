@@ -1,0 +1,53 @@
+//! The `plugca` command line: `serve`, `request`, `certs`.
+
+pub mod certs;
+pub mod request;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ServeArgs;
+
+/// Exit code for bad flags or configuration (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code when the server cannot start (bad CA bundle, port in use).
+pub const EXIT_START: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plugca",
+    version,
+    about = "An Istio-compatible CA for plugged-in CA certificates"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the CA: gRPC IstioCertificateService over TLS plus a monitoring port.
+    Serve(ServeArgs),
+    /// Request a workload certificate like a sidecar or ztunnel does.
+    Request(request::RequestArgs),
+    /// Generate a root CA or a plug-in intermediate (a `cacerts` directory).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+}
+
+/// Runs a non-serve subcommand; `serve` is driven by `main`.
+pub async fn run(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Request(args) => request::run(args).await,
+        Command::Certs(cmd) => certs::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("plugca: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

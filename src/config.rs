@@ -1,0 +1,328 @@
+//! `plugca serve` flags and environment, turned into a typed [`Config`] in one
+//! pure step. Config holds paths, never secrets, so it is safe to log.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::duration;
+use crate::identity::TrustDomain;
+
+pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
+pub const DEFAULT_MONITORING_ADDR: &str = "0.0.0.0:15014";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_WORKLOAD_CERT_TTL: &str = "24h";
+pub const MAX_WORKLOAD_CERT_TTL: &str = "2160h";
+pub const DEFAULT_JWT_AUDIENCE: &str = "istio-ca";
+pub const DEFAULT_SIGN_QUEUE_TIMEOUT: &str = "2s";
+pub const DEFAULT_SELF_SIGNED_TTL: &str = "87600h";
+
+/// Flags of `plugca serve`. Each can also be set from the environment variable shown.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Directory with the plugged-in CA: ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem (or tls.crt, tls.key, ca.crt). Without any of them a
+    /// self-signed root is generated in memory.
+    #[arg(long, env = "ROOT_CA_DIR", default_value = DEFAULT_CACERTS_DIR)]
+    pub cacerts_dir: PathBuf,
+
+    /// Address of the gRPC (TLS) listener.
+    #[arg(long, env = "PLUGCA_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: String,
+
+    /// Address of the HTTP monitoring listener (/ready, /healthz, /metrics).
+    #[arg(long, env = "PLUGCA_MONITORING_ADDR", default_value = DEFAULT_MONITORING_ADDR)]
+    pub monitoring_addr: String,
+
+    /// Trust domain of issued SPIFFE identities ('@' is turned into '.').
+    #[arg(long, env = "TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of a certificate when the request asks for none (Go duration: 90m, 24h, 1h30m).
+    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = DEFAULT_WORKLOAD_CERT_TTL)]
+    pub default_ttl: String,
+
+    /// Longest lifetime a request may ask for; longer requests are refused.
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = MAX_WORKLOAD_CERT_TTL)]
+    pub max_ttl: String,
+
+    /// Issuer (`iss`) of bearer JWTs to accept; needs --jwks-file.
+    #[arg(long, env = "PLUGCA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// JWKS file with the keys that sign bearer JWTs (RS256, ES256); needs --jwt-issuer.
+    #[arg(long, env = "PLUGCA_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Accepted JWT audience; repeat the flag (or comma-separate in the env) for several.
+    #[arg(long, env = "PLUGCA_JWT_AUDIENCE", value_delimiter = ',', default_value = DEFAULT_JWT_AUDIENCE)]
+    pub jwt_audience: Vec<String>,
+
+    /// Extra DNS names for the gRPC serving certificate, comma-separated.
+    #[arg(long, env = "ISTIOD_CUSTOM_HOST", value_delimiter = ',')]
+    pub server_dns_names: Vec<String>,
+
+    /// LAB ONLY: when no other authenticator accepts a request, issue for the
+    /// single SPIFFE URI SAN of the CSR (in our trust domain) without any proof.
+    #[arg(long, env = "PLUGCA_INSECURE_TRUST_CSR_IDENTITY")]
+    pub insecure_trust_csr_identity: bool,
+
+    /// Signings in progress at once [default: number of CPUs].
+    #[arg(long, env = "PLUGCA_MAX_CONCURRENT_SIGNS")]
+    pub max_concurrent_signs: Option<usize>,
+
+    /// How long a request waits for a signing slot before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PLUGCA_SIGN_QUEUE_TIMEOUT", default_value = DEFAULT_SIGN_QUEUE_TIMEOUT)]
+    pub sign_queue_timeout: String,
+
+    /// Lifetime of the generated self-signed root (when no bundle is plugged in).
+    #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", default_value = DEFAULT_SELF_SIGNED_TTL)]
+    pub self_signed_ttl: String,
+
+    /// Log format.
+    #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Bearer JWT settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub jwks_file: PathBuf,
+    pub audiences: Vec<String>,
+}
+
+/// Validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cacerts_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub monitoring_addr: SocketAddr,
+    pub trust_domain: TrustDomain,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub jwt: Option<JwtConfig>,
+    pub server_dns_names: Vec<String>,
+    pub insecure_trust_csr_identity: bool,
+    pub max_concurrent_signs: usize,
+    pub sign_queue_timeout: Duration,
+    pub self_signed_ttl: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{flag} (env {env}): {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        env: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("--jwt-issuer and --jwks-file must be given together")]
+    JwtIncomplete,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let invalid = |flag: &'static str, env: &'static str, value: &str, reason: String| {
+            ConfigError::Invalid {
+                flag,
+                env,
+                value: value.to_string(),
+                reason,
+            }
+        };
+        let addr = |flag, env, v: &str| {
+            v.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    flag,
+                    env,
+                    v,
+                    format!("not an address like 0.0.0.0:15012: {e}"),
+                )
+            })
+        };
+        let dur = |flag, env, v: &str| {
+            duration::parse(v).map_err(|e| invalid(flag, env, v, e.to_string()))
+        };
+        let trust_domain = TrustDomain::parse(&self.trust_domain).map_err(|e| {
+            invalid(
+                "--trust-domain",
+                "TRUST_DOMAIN",
+                &self.trust_domain,
+                e.to_string(),
+            )
+        })?;
+        let default_ttl = dur(
+            "--default-ttl",
+            "DEFAULT_WORKLOAD_CERT_TTL",
+            &self.default_ttl,
+        )?;
+        let max_ttl = dur("--max-ttl", "MAX_WORKLOAD_CERT_TTL", &self.max_ttl)?;
+        if default_ttl.is_zero() {
+            return Err(invalid(
+                "--default-ttl",
+                "DEFAULT_WORKLOAD_CERT_TTL",
+                &self.default_ttl,
+                "must be positive".into(),
+            ));
+        }
+        if max_ttl.is_zero() {
+            return Err(invalid(
+                "--max-ttl",
+                "MAX_WORKLOAD_CERT_TTL",
+                &self.max_ttl,
+                "must be positive".into(),
+            ));
+        }
+        let jwt = match (self.jwt_issuer, self.jwks_file) {
+            (Some(issuer), Some(jwks_file)) => {
+                let audiences: Vec<String> = self
+                    .jwt_audience
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                if audiences.is_empty() {
+                    return Err(invalid(
+                        "--jwt-audience",
+                        "PLUGCA_JWT_AUDIENCE",
+                        "",
+                        "at least one audience is needed".into(),
+                    ));
+                }
+                Some(JwtConfig {
+                    issuer,
+                    jwks_file,
+                    audiences,
+                })
+            }
+            (None, None) => None,
+            _ => return Err(ConfigError::JwtIncomplete),
+        };
+        let max_concurrent_signs = match self.max_concurrent_signs {
+            Some(0) => {
+                return Err(invalid(
+                    "--max-concurrent-signs",
+                    "PLUGCA_MAX_CONCURRENT_SIGNS",
+                    "0",
+                    "must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+        Ok(Config {
+            cacerts_dir: self.cacerts_dir,
+            grpc_addr: addr("--grpc-addr", "PLUGCA_GRPC_ADDR", &self.grpc_addr)?,
+            monitoring_addr: addr(
+                "--monitoring-addr",
+                "PLUGCA_MONITORING_ADDR",
+                &self.monitoring_addr,
+            )?,
+            trust_domain,
+            default_ttl,
+            max_ttl,
+            jwt,
+            server_dns_names: self
+                .server_dns_names
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
+            insecure_trust_csr_identity: self.insecure_trust_csr_identity,
+            max_concurrent_signs,
+            sign_queue_timeout: dur(
+                "--sign-queue-timeout",
+                "PLUGCA_SIGN_QUEUE_TIMEOUT",
+                &self.sign_queue_timeout,
+            )?,
+            self_signed_ttl: dur(
+                "--self-signed-ttl",
+                "CITADEL_SELF_SIGNED_CA_CERT_TTL",
+                &self.self_signed_ttl,
+            )?,
+            log_format: self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["plugca"];
+        all.extend_from_slice(args);
+        T::try_parse_from(all).unwrap().serve.into_config()
+    }
+
+    #[test]
+    fn defaults_match_istiod() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.cacerts_dir, PathBuf::from("/etc/cacerts"));
+        assert_eq!(c.grpc_addr.port(), 15012);
+        assert_eq!(c.monitoring_addr.port(), 15014);
+        assert_eq!(c.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.default_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.max_ttl, Duration::from_secs(2160 * 3600));
+        assert!(c.jwt.is_none());
+        assert!(!c.insecure_trust_csr_identity);
+    }
+
+    #[test]
+    fn jwt_settings_need_both_issuer_and_jwks() {
+        assert_eq!(
+            parse(&["--jwt-issuer", "x"]).unwrap_err(),
+            ConfigError::JwtIncomplete
+        );
+        let c = parse(&[
+            "--jwt-issuer",
+            "x",
+            "--jwks-file",
+            "/j",
+            "--jwt-audience",
+            "a",
+            "--jwt-audience",
+            "b",
+        ])
+        .unwrap();
+        assert_eq!(c.jwt.unwrap().audiences, ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_and_env() {
+        let e = parse(&["--default-ttl", "soon"]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--default-ttl (env DEFAULT_WORKLOAD_CERT_TTL): \"soon\""),
+            "{e}"
+        );
+        let e = parse(&["--grpc-addr", "nowhere"]).unwrap_err().to_string();
+        assert!(e.contains("--grpc-addr"), "{e}");
+        let e = parse(&["--trust-domain", "Bad/TD"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TRUST_DOMAIN"), "{e}");
+    }
+
+    #[test]
+    fn server_dns_names_are_comma_separated() {
+        let c = parse(&["--server-dns-names", "a.com,b.com"]).unwrap();
+        assert_eq!(c.server_dns_names, ["a.com", "b.com"]);
+    }
+}

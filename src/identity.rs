@@ -1,0 +1,246 @@
+//! SPIFFE identities as the CA issues them: a strict [`TrustDomain`] and
+//! [`SpiffeId`], plus Istio's `spiffe://<td>/ns/<ns>/sa/<sa>` workload form.
+
+use std::fmt;
+
+/// Longest SPIFFE ID accepted (the SPIFFE spec's limit).
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+/// Longest trust domain accepted (a DNS name).
+pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+const SCHEME: &str = "spiffe://";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("trust domain is empty")]
+    EmptyTrustDomain,
+    #[error("trust domain {0:?} is longer than {MAX_TRUST_DOMAIN_LEN} bytes")]
+    TrustDomainTooLong(String),
+    #[error(
+        "trust domain {0:?} has a character outside [a-z0-9._-] (SPIFFE trust domains are lower case)"
+    )]
+    TrustDomainCharacter(String),
+    #[error("{0:?} does not start with spiffe://")]
+    NotSpiffe(String),
+    #[error("SPIFFE ID is longer than {MAX_SPIFFE_ID_LEN} bytes")]
+    TooLong,
+    #[error("SPIFFE ID {0:?} has an empty path segment")]
+    EmptySegment(String),
+    #[error("SPIFFE ID {0:?} has a '.' or '..' path segment")]
+    DotSegment(String),
+    #[error("SPIFFE ID {0:?} has a character outside [A-Za-z0-9._-] in its path")]
+    PathCharacter(String),
+    #[error("SPIFFE ID {0:?} has no path")]
+    NoPath(String),
+    #[error("{0:?} is not a valid Kubernetes {1} name")]
+    KubernetesName(String, &'static str),
+}
+
+/// A trust domain, normalised as Istio does (`@` becomes `.`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    pub fn parse(input: &str) -> Result<Self, IdentityError> {
+        let td = input.replace('@', ".");
+        if td.is_empty() {
+            return Err(IdentityError::EmptyTrustDomain);
+        }
+        if td.len() > MAX_TRUST_DOMAIN_LEN {
+            return Err(IdentityError::TrustDomainTooLong(input.to_string()));
+        }
+        if !td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return Err(IdentityError::TrustDomainCharacter(input.to_string()));
+        }
+        Ok(Self(td))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TrustDomain({})", self.0)
+    }
+}
+
+/// A syntactically valid SPIFFE ID (`spiffe://<trust domain>/<path>`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    uri: String,
+    td_len: usize,
+}
+
+impl SpiffeId {
+    pub fn parse(input: &str) -> Result<Self, IdentityError> {
+        if input.len() > MAX_SPIFFE_ID_LEN {
+            return Err(IdentityError::TooLong);
+        }
+        let rest = input
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| IdentityError::NotSpiffe(input.to_string()))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| IdentityError::NoPath(input.to_string()))?;
+        // The trust domain of an ID must already be normalised: no '@' rewriting here.
+        if td.contains('@') {
+            return Err(IdentityError::TrustDomainCharacter(td.to_string()));
+        }
+        TrustDomain::parse(td)?;
+        for segment in path.split('/') {
+            if segment.is_empty() {
+                return Err(IdentityError::EmptySegment(input.to_string()));
+            }
+            if segment == "." || segment == ".." {
+                return Err(IdentityError::DotSegment(input.to_string()));
+            }
+            if !segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(IdentityError::PathCharacter(input.to_string()));
+            }
+        }
+        Ok(Self {
+            uri: input.to_string(),
+            td_len: td.len(),
+        })
+    }
+
+    /// Istio's workload identity `spiffe://<td>/ns/<ns>/sa/<sa>`; `ns` and `sa`
+    /// must be valid Kubernetes names so they cannot smuggle path segments.
+    pub fn workload(td: &TrustDomain, ns: &str, sa: &str) -> Result<Self, IdentityError> {
+        check_k8s_name(ns, "namespace", 63)?;
+        check_k8s_name(sa, "service account", 253)?;
+        Self::parse(&format!("{SCHEME}{td}/ns/{ns}/sa/{sa}"))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.uri[SCHEME.len()..SCHEME.len() + self.td_len]
+    }
+
+    pub fn path(&self) -> &str {
+        &self.uri[SCHEME.len() + self.td_len..]
+    }
+
+    /// `(namespace, service account)` when the path is Istio's `/ns/<ns>/sa/<sa>`.
+    pub fn namespace_and_service_account(&self) -> Option<(&str, &str)> {
+        let mut it = self.path().strip_prefix('/')?.split('/');
+        match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeId({})", self.uri)
+    }
+}
+
+/// RFC 1123 label/subdomain rules as Kubernetes applies them to object names.
+fn check_k8s_name(name: &str, kind: &'static str, max: usize) -> Result<(), IdentityError> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+        && !(kind == "namespace" && name.contains('.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::KubernetesName(name.to_string(), kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_signs_in_the_trust_domain_become_dots() {
+        assert_eq!(TrustDomain::parse("a@b").unwrap().as_str(), "a.b");
+    }
+
+    #[test]
+    fn bad_trust_domains_are_refused() {
+        assert_eq!(TrustDomain::parse(""), Err(IdentityError::EmptyTrustDomain));
+        assert!(matches!(
+            TrustDomain::parse("Cluster.local"),
+            Err(IdentityError::TrustDomainCharacter(_))
+        ));
+        assert!(matches!(
+            TrustDomain::parse("a/b"),
+            Err(IdentityError::TrustDomainCharacter(_))
+        ));
+    }
+
+    #[test]
+    fn workload_ids_have_istio_shape() {
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let id = SpiffeId::workload(&td, "foo", "httpbin").unwrap();
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/foo/sa/httpbin");
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace_and_service_account(), Some(("foo", "httpbin")));
+    }
+
+    #[test]
+    fn lenient_spiffe_forms_are_refused() {
+        for bad in [
+            "spiffe://td/ns//sa/x",
+            "spiffe://td/ns/./sa/x",
+            "spiffe://td/ns/../sa/x",
+            "spiffe://td",
+            "spiffe://TD/x",
+            "spiffe://td/a b",
+            "spiffe://td/x/",
+            "http://td/x",
+            "spiffe://td/a%2f",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad} should be refused");
+        }
+        assert_eq!(
+            SpiffeId::parse(&format!("spiffe://td/{}", "a".repeat(3000))),
+            Err(IdentityError::TooLong)
+        );
+    }
+
+    #[test]
+    fn kubernetes_names_cannot_inject_path_segments() {
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        for (ns, sa) in [
+            ("a/b", "x"),
+            ("a", "x/sa/y"),
+            ("", "x"),
+            ("a", ""),
+            ("A", "x"),
+            ("a.b", "x"),
+        ] {
+            assert!(SpiffeId::workload(&td, ns, sa).is_err(), "{ns}/{sa}");
+        }
+        assert!(SpiffeId::workload(&td, "istio-system", "ztunnel.v1").is_ok());
+    }
+}

@@ -1,0 +1,184 @@
+//! The CreateCertificate policy, free of gRPC: TTL rules (spec section 5), the
+//! leaf subject and SANs from the authenticated caller, and the response chain.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::asn1::GeneralName;
+use crate::authn::Caller;
+use crate::ca::signer::MAX_CN_LEN;
+use crate::ca::{CaBundle, IssuedLeaf, LeafSpec, SignError};
+use crate::csr::VerifiedCsr;
+use crate::duration::format_go;
+
+/// NotBefore is back-dated by this much for clock skew (istiod's grace period).
+pub const CLOCK_SKEW_GRACE: Duration = Duration::from_secs(120);
+
+/// TTL limits.
+#[derive(Debug, Clone, Copy)]
+pub struct TtlPolicy {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IssueError {
+    #[error("requested TTL {} is greater than the max allowed TTL {}", format_go(*requested), format_go(*max))]
+    Ttl { requested: Duration, max: Duration },
+    #[error("signing certificate has expired at {}", go_time(*at))]
+    SignerExpired { at: OffsetDateTime },
+    #[error("{0}")]
+    Sign(#[from] SignError),
+}
+
+/// A leaf plus the full response.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub leaf: IssuedLeaf,
+    pub cert_chain: Vec<String>,
+    pub sans: Vec<GeneralName>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+/// The lifetime for a requested `validity_duration` (seconds; <= 0 means default).
+pub fn lifetime(requested_secs: i64, policy: &TtlPolicy) -> Result<Duration, IssueError> {
+    if requested_secs <= 0 {
+        return Ok(policy.default_ttl);
+    }
+    let requested = Duration::from_secs(requested_secs as u64);
+    if requested > policy.max_ttl {
+        return Err(IssueError::Ttl {
+            requested,
+            max: policy.max_ttl,
+        });
+    }
+    Ok(requested)
+}
+
+/// Validity window: NotBefore = now - 2 min; NotAfter = now + lifetime, never
+/// past the earliest NotAfter of the signing path.
+pub fn validity(
+    now: OffsetDateTime,
+    lifetime: Duration,
+    limit: OffsetDateTime,
+) -> (OffsetDateTime, OffsetDateTime) {
+    // Certificates carry whole seconds; truncate so NotAfter - NotBefore is exact.
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    let not_before = now - CLOCK_SKEW_GRACE;
+    let wanted = now.checked_add(time::Duration::try_from(lifetime).unwrap_or(time::Duration::MAX));
+    let not_after = match wanted {
+        Some(t) if t < limit => t,
+        _ => limit,
+    };
+    (not_before, not_after)
+}
+
+/// Signs a leaf for `caller` with the public key of `csr`, after the TTL check.
+pub fn issue(
+    bundle: &CaBundle,
+    caller: &Caller,
+    csr: &VerifiedCsr,
+    requested_secs: i64,
+    policy: &TtlPolicy,
+    now: OffsetDateTime,
+) -> Result<Issued, IssueError> {
+    let lifetime = lifetime(requested_secs, policy)?;
+    let signing_not_after = bundle.signing_cert().not_after;
+    if now >= signing_not_after {
+        return Err(IssueError::SignerExpired {
+            at: signing_not_after,
+        });
+    }
+    let (not_before, not_after) = validity(now, lifetime, bundle.not_after_limit());
+    let sans = caller.sans();
+    // Istio: CN = the first identity when the CSR asked for a CN, if it fits.
+    let common_name = csr
+        .has_common_name()
+        .then(|| caller.identities().first())
+        .flatten()
+        .map(String::as_str)
+        .filter(|cn| cn.len() <= MAX_CN_LEN);
+    let leaf = bundle.signer().issue(&LeafSpec {
+        public_key: csr.public_key(),
+        sans: &sans,
+        common_name,
+        not_before,
+        not_after,
+    })?;
+    let mut cert_chain = Vec::with_capacity(1 + bundle.response_tail().len());
+    cert_chain.push(leaf.pem.clone());
+    cert_chain.extend(bundle.response_tail().iter().cloned());
+    Ok(Issued {
+        leaf,
+        cert_chain,
+        sans,
+        not_before,
+        not_after,
+    })
+}
+
+/// Go's `time.Time.String()` layout for UTC, as istiod prints it in errors.
+pub fn go_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} +0000 UTC",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn policy(default_h: u64, max_h: u64) -> TtlPolicy {
+        TtlPolicy {
+            default_ttl: HOUR * default_h as u32,
+            max_ttl: HOUR * max_h as u32,
+        }
+    }
+
+    #[test]
+    fn zero_or_negative_ttl_means_the_default() {
+        assert_eq!(lifetime(0, &policy(24, 2160)).unwrap(), HOUR * 24);
+        assert_eq!(lifetime(-5, &policy(24, 2160)).unwrap(), HOUR * 24);
+        assert_eq!(lifetime(i64::MIN, &policy(24, 2160)).unwrap(), HOUR * 24);
+    }
+
+    #[test]
+    fn ttl_equal_to_max_is_allowed_and_above_is_refused_with_istio_text() {
+        assert_eq!(lifetime(7200, &policy(1, 2)).unwrap(), HOUR * 2);
+        let err = lifetime(10_800, &policy(1, 2)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "requested TTL 3h0m0s is greater than the max allowed TTL 2h0m0s"
+        );
+        assert!(lifetime(i64::MAX, &policy(1, 2)).is_err());
+    }
+
+    #[test]
+    fn validity_is_backdated_and_clamped() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+            + time::Duration::milliseconds(400);
+        let far = now + time::Duration::days(365);
+        let (nb, na) = validity(now, Duration::from_secs(1800), far);
+        assert_eq!((na - nb).whole_seconds(), 1800 + 120);
+        let limit = now + time::Duration::hours(1);
+        let (_, na) = validity(now, HOUR * 2, limit);
+        assert_eq!(na, limit);
+    }
+
+    #[test]
+    fn go_time_layout() {
+        let t = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        assert_eq!(go_time(t), "1970-01-01 00:00:00 +0000 UTC");
+    }
+}

@@ -1,0 +1,280 @@
+//! Prometheus metrics. The `citadel_server_*` families keep istiod's exact
+//! names, labels and semantics (no `_total` suffix) so Istio dashboards work;
+//! `plugca_*` families add what istiod lacks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+/// A counter exported under its exact name (istiod's counters have no `_total`).
+#[derive(Debug, Default, Clone)]
+pub struct PlainCounter(Arc<AtomicU64>);
+
+impl PlainCounter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for PlainCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for PlainCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // Encoded as a plain sample so the name stays exactly istiod's.
+        encoder.encode_gauge(&(self.get() as i64))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// istiod's `error` label values of `citadel_server_csr_sign_err_count`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+pub enum SignErrorType {
+    CA_NOT_READY,
+    CSR_ERROR,
+    TTL_ERROR,
+    CERT_GEN_ERROR,
+    UNKNOWN,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignErrorLabels {
+    pub error: SignErrorType,
+}
+
+/// Outcome of one CreateCertificate call.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    issued,
+    unauthenticated,
+    invalid_argument,
+    internal,
+    overloaded,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: Outcome,
+}
+
+/// How the caller proved its identity.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AuthnKind {
+    client_cert,
+    jwt,
+    trusted_csr,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuedLabels {
+    pub authenticator: AuthnKind,
+    /// CSR key type: rsa2048, p256, ... (a small closed set).
+    pub key: String,
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub csr_count: PlainCounter,
+    pub authentication_failure_count: PlainCounter,
+    pub csr_sign_err_count: Family<SignErrorLabels, PlainCounter>,
+    pub success_cert_issuance_count: PlainCounter,
+    pub csr_parsing_err_count: PlainCounter,
+    pub id_extraction_err_count: PlainCounter,
+    pub root_cert_expiry_timestamp: Gauge<f64, AtomicU64>,
+    pub root_cert_expiry_seconds: Gauge<f64, AtomicU64>,
+    pub cert_chain_expiry_timestamp: Gauge<f64, AtomicU64>,
+    pub cert_chain_expiry_seconds: Gauge<f64, AtomicU64>,
+    pub request_duration: Family<OutcomeLabels, Histogram>,
+    pub issued: Family<IssuedLabels, prometheus_client::metrics::counter::Counter>,
+    pub inflight: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            csr_count: PlainCounter::default(),
+            authentication_failure_count: PlainCounter::default(),
+            csr_sign_err_count: Family::default(),
+            success_cert_issuance_count: PlainCounter::default(),
+            csr_parsing_err_count: PlainCounter::default(),
+            id_extraction_err_count: PlainCounter::default(),
+            root_cert_expiry_timestamp: Gauge::default(),
+            root_cert_expiry_seconds: Gauge::default(),
+            cert_chain_expiry_timestamp: Gauge::default(),
+            cert_chain_expiry_seconds: Gauge::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.0005, 2.0, 16,
+                ))
+            }),
+            issued: Family::default(),
+            inflight: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "citadel_server_csr_count",
+            "The number of CSRs received by Citadel server.",
+            m.csr_count.clone(),
+        );
+        registry.register(
+            "citadel_server_authentication_failure_count",
+            "The number of authentication failures.",
+            m.authentication_failure_count.clone(),
+        );
+        registry.register(
+            "citadel_server_csr_sign_err_count",
+            "The number of errors occurred when signing the CSR.",
+            m.csr_sign_err_count.clone(),
+        );
+        registry.register(
+            "citadel_server_success_cert_issuance_count",
+            "The number of certificates issuances that have succeeded.",
+            m.success_cert_issuance_count.clone(),
+        );
+        registry.register(
+            "citadel_server_csr_parsing_err_count",
+            "The number of errors occurred when parsing the CSR.",
+            m.csr_parsing_err_count.clone(),
+        );
+        registry.register(
+            "citadel_server_id_extraction_err_count",
+            "The number of errors occurred when extracting the ID from CSR.",
+            m.id_extraction_err_count.clone(),
+        );
+        registry.register(
+            "citadel_server_root_cert_expiry_timestamp",
+            "The unix timestamp, in seconds, when Citadel root cert will expire.",
+            m.root_cert_expiry_timestamp.clone(),
+        );
+        registry.register(
+            "citadel_server_root_cert_expiry_seconds",
+            "The time remaining, in seconds, before the root cert will expire.",
+            m.root_cert_expiry_seconds.clone(),
+        );
+        registry.register(
+            "citadel_server_cert_chain_expiry_timestamp",
+            "The unix timestamp, in seconds, when Citadel cert chain will expire.",
+            m.cert_chain_expiry_timestamp.clone(),
+        );
+        registry.register(
+            "citadel_server_cert_chain_expiry_seconds",
+            "The time remaining, in seconds, before the cert chain will expire.",
+            m.cert_chain_expiry_seconds.clone(),
+        );
+        registry.register(
+            "plugca_request_duration_seconds",
+            "CreateCertificate latency by outcome.",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "plugca_certificates_issued",
+            "Certificates issued, by authenticator and CSR key type.",
+            m.issued.clone(),
+        );
+        registry.register(
+            "plugca_inflight_requests",
+            "CreateCertificate calls in progress.",
+            m.inflight.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Records the expiry of a newly loaded bundle.
+    pub fn set_expiry(&self, root_not_after: i64, chain_not_after: i64) {
+        self.root_cert_expiry_timestamp.set(root_not_after as f64);
+        self.cert_chain_expiry_timestamp.set(chain_not_after as f64);
+    }
+
+    /// Prometheus text (exposition format 0.0.4, which also accepts the
+    /// OpenMetrics comments prometheus-client writes).
+    pub fn render(&self) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+        let root = self.root_cert_expiry_timestamp.get();
+        if root > 0.0 {
+            self.root_cert_expiry_seconds.set(root - now);
+        }
+        let chain = self.cert_chain_expiry_timestamp.get();
+        if chain > 0.0 {
+            self.cert_chain_expiry_seconds.set(chain - now);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_counters_keep_their_exact_names() {
+        let m = Metrics::new();
+        m.csr_count.inc();
+        m.csr_sign_err_count
+            .get_or_create(&SignErrorLabels {
+                error: SignErrorType::TTL_ERROR,
+            })
+            .inc();
+        let text = m.render();
+        assert!(text.contains("\ncitadel_server_csr_count 1\n"), "{text}");
+        assert!(
+            text.contains("# TYPE citadel_server_csr_count counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("citadel_server_csr_sign_err_count{error=\"TTL_ERROR\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("citadel_server_csr_count_total"));
+    }
+
+    #[test]
+    fn expiry_seconds_are_derived_at_scrape_time() {
+        let m = Metrics::new();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        m.set_expiry(now + 3600, now + 1800);
+        let text = m.render();
+        let secs = |name: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap();
+            line.split(' ').nth(1).unwrap().parse().unwrap()
+        };
+        assert!((secs("citadel_server_root_cert_expiry_seconds") - 3600.0).abs() < 5.0);
+        assert!((secs("citadel_server_cert_chain_expiry_seconds") - 1800.0).abs() < 5.0);
+    }
+}

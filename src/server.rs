@@ -1,0 +1,353 @@
+//! The `IstioCertificateService` gRPC handler and the one place where errors
+//! become gRPC statuses.
+//!
+//! The handler reads top to bottom: count -> authenticate -> refuse
+//! impersonation -> wait for a signing slot -> (off the reactor) parse CSR,
+//! check TTL, sign -> assemble the chain -> count the outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::authn::trusted_csr::{self, TrustedCsrError};
+use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, RequestContext};
+use crate::ca::CaBundle;
+use crate::csr::{CsrError, VerifiedCsr};
+use crate::identity::TrustDomain;
+use crate::issuance::{self, IssueError, Issued, TtlPolicy};
+use crate::metrics::{
+    IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels, SignErrorType,
+};
+use crate::pb::istio_certificate_service_server::IstioCertificateService;
+use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
+
+/// istiod's opaque authentication failure message.
+pub const MSG_AUTHN_FAILURE: &str = "request authenticate failure";
+/// istiod's opaque impersonation failure message.
+pub const MSG_IMPERSONATION_FAILURE: &str = "request impersonation authentication failure";
+const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// The CA currently serving; `None` until a bundle is loaded. Swapped whole on reload.
+#[derive(Debug, Default)]
+pub struct CaState {
+    bundle: ArcSwapOption<CaBundle>,
+}
+
+impl CaState {
+    pub fn new(bundle: Option<CaBundle>) -> Self {
+        CaState {
+            bundle: ArcSwapOption::from(bundle.map(Arc::new)),
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<CaBundle>> {
+        self.bundle.load_full()
+    }
+
+    pub fn replace(&self, bundle: CaBundle) {
+        self.bundle.store(Some(Arc::new(bundle)));
+    }
+}
+
+/// Everything the handler needs; built once by the app.
+pub struct ServiceConfig {
+    pub authenticators: Authenticators,
+    /// `Some(trust domain)` when `--insecure-trust-csr-identity` is on.
+    pub lab_mode: Option<TrustDomain>,
+    pub ttl: TtlPolicy,
+    pub max_concurrent_signs: usize,
+    pub sign_queue_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct CertificateService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ca: Arc<CaState>,
+    config: ServiceConfig,
+    metrics: Arc<Metrics>,
+    limiter: Arc<Semaphore>,
+}
+
+/// Every way a request can fail, one variant per reason.
+#[derive(Debug)]
+pub enum ServiceError {
+    Unauthenticated(Vec<AuthnError>),
+    LabModeIdentity(TrustedCsrError),
+    ImpersonationNotConfigured { requested: String },
+    CaNotReady,
+    Csr(CsrError),
+    Issue(IssueError),
+    Overloaded { waited: Duration },
+    WorkerFailed(String),
+}
+
+impl ServiceError {
+    /// The one error-to-status mapping. Authentication details stay in the log.
+    pub fn to_status(&self) -> Status {
+        match self {
+            ServiceError::Unauthenticated(_) | ServiceError::LabModeIdentity(_) => {
+                Status::unauthenticated(MSG_AUTHN_FAILURE)
+            }
+            ServiceError::ImpersonationNotConfigured { .. } => {
+                Status::unauthenticated(MSG_IMPERSONATION_FAILURE)
+            }
+            ServiceError::CaNotReady => {
+                Status::internal("CSR signing error (Istio CA is not ready)")
+            }
+            ServiceError::Csr(e) => Status::invalid_argument(format!("CSR signing error ({e})")),
+            ServiceError::Issue(e @ IssueError::Ttl { .. }) => {
+                Status::invalid_argument(format!("CSR signing error ({e})"))
+            }
+            ServiceError::Issue(e @ (IssueError::SignerExpired { .. } | IssueError::Sign(_))) => {
+                Status::internal(format!("CSR signing error ({e})"))
+            }
+            ServiceError::Overloaded { waited } => Status::resource_exhausted(format!(
+                "CA is at its concurrent signing limit; waited {} ms, retry later",
+                waited.as_millis()
+            )),
+            ServiceError::WorkerFailed(_) => Status::internal("CSR signing error (internal error)"),
+        }
+    }
+
+    /// istiod's `citadel_server_csr_sign_err_count` label, for signing-stage errors.
+    fn sign_error_type(&self) -> Option<SignErrorType> {
+        match self {
+            ServiceError::Unauthenticated(_)
+            | ServiceError::LabModeIdentity(_)
+            | ServiceError::ImpersonationNotConfigured { .. }
+            | ServiceError::Overloaded { .. } => None,
+            ServiceError::CaNotReady => Some(SignErrorType::CA_NOT_READY),
+            ServiceError::Csr(_) => Some(SignErrorType::CSR_ERROR),
+            ServiceError::Issue(IssueError::Ttl { .. }) => Some(SignErrorType::TTL_ERROR),
+            ServiceError::Issue(IssueError::SignerExpired { .. } | IssueError::Sign(_)) => {
+                Some(SignErrorType::CERT_GEN_ERROR)
+            }
+            ServiceError::WorkerFailed(_) => Some(SignErrorType::UNKNOWN),
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self.to_status().code() {
+            tonic::Code::Unauthenticated => Outcome::unauthenticated,
+            tonic::Code::InvalidArgument => Outcome::invalid_argument,
+            tonic::Code::ResourceExhausted => Outcome::overloaded,
+            _ => Outcome::internal,
+        }
+    }
+
+    fn is_authn_failure(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::Unauthenticated(_)
+                | ServiceError::LabModeIdentity(_)
+                | ServiceError::ImpersonationNotConfigured { .. }
+        )
+    }
+
+    /// The full reason, for the log.
+    fn reason(&self) -> String {
+        match self {
+            ServiceError::Unauthenticated(failures) if failures.is_empty() => {
+                "no credentials: no client certificate, no bearer token, and lab mode is off".into()
+            }
+            ServiceError::Unauthenticated(failures) => failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+            ServiceError::LabModeIdentity(e) => e.to_string(),
+            ServiceError::ImpersonationNotConfigured { requested } => format!(
+                "caller asked to impersonate {requested:?} but impersonation is not configured"
+            ),
+            ServiceError::CaNotReady => "no CA bundle is loaded".into(),
+            ServiceError::Csr(e) => e.to_string(),
+            ServiceError::Issue(e) => e.to_string(),
+            ServiceError::Overloaded { waited } => {
+                format!("no signing slot within {} ms", waited.as_millis())
+            }
+            ServiceError::WorkerFailed(e) => e.clone(),
+        }
+    }
+}
+
+impl CertificateService {
+    pub fn new(ca: Arc<CaState>, config: ServiceConfig, metrics: Arc<Metrics>) -> Self {
+        let limiter = Arc::new(Semaphore::new(config.max_concurrent_signs.max(1)));
+        CertificateService {
+            inner: Arc::new(Inner {
+                ca,
+                config,
+                metrics,
+                limiter,
+            }),
+        }
+    }
+
+    async fn handle(
+        &self,
+        request: &Request<IstioCertificateRequest>,
+    ) -> Result<(Caller, Issued), ServiceError> {
+        let inner = &self.inner;
+        let peer_certs = request.peer_certs();
+        let ctx = RequestContext {
+            metadata: request.metadata(),
+            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
+            remote_addr: request.remote_addr(),
+        };
+        let header_caller = match inner.config.authenticators.authenticate(&ctx).await {
+            AuthnOutcome::Authenticated(caller) => Some(caller),
+            AuthnOutcome::Refused(failures) if inner.config.lab_mode.is_none() => {
+                return Err(ServiceError::Unauthenticated(failures));
+            }
+            AuthnOutcome::Refused(failures) => {
+                for f in &failures {
+                    info!(reason = %f, "authenticator refused; falling back to lab mode");
+                }
+                None
+            }
+        };
+        let body = request.get_ref();
+        if let Some(requested) = impersonated_identity(body) {
+            return Err(ServiceError::ImpersonationNotConfigured {
+                requested: requested.to_string(),
+            });
+        }
+
+        let bundle = inner.ca.current().ok_or(ServiceError::CaNotReady)?;
+        let started = Instant::now();
+        let timeout = inner.config.sign_queue_timeout;
+        let permit = tokio::time::timeout(timeout, inner.limiter.clone().acquire_owned())
+            .await
+            .map_err(|_| ServiceError::Overloaded {
+                waited: started.elapsed(),
+            })?
+            .map_err(|_| ServiceError::WorkerFailed("signing limiter closed".into()))?;
+
+        let csr_text = body.csr.clone();
+        let requested_ttl = body.validity_duration;
+        let lab_mode = inner.config.lab_mode.clone();
+        let policy = inner.config.ttl;
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let csr = VerifiedCsr::parse(&csr_text).map_err(ServiceError::Csr)?;
+            let caller = match (header_caller, lab_mode) {
+                (Some(caller), _) => caller,
+                (None, Some(td)) => trusted_csr::caller_from_csr(&csr, &td)
+                    .map_err(ServiceError::LabModeIdentity)?,
+                (None, None) => return Err(ServiceError::Unauthenticated(Vec::new())),
+            };
+            let issued = issuance::issue(
+                &bundle,
+                &caller,
+                &csr,
+                requested_ttl,
+                &policy,
+                OffsetDateTime::now_utc(),
+            )
+            .map_err(ServiceError::Issue)?;
+            Ok::<_, ServiceError>((caller, issued, csr.key_kind()))
+        });
+        let (caller, issued, key_kind) = work
+            .await
+            .map_err(|e| ServiceError::WorkerFailed(e.to_string()))??;
+        inner
+            .metrics
+            .issued
+            .get_or_create(&IssuedLabels {
+                authenticator: caller.kind(),
+                key: key_kind.label(),
+            })
+            .inc();
+        Ok((caller, issued))
+    }
+
+    fn record_failure(&self, error: &ServiceError, peer: Option<std::net::SocketAddr>) {
+        let m = &self.inner.metrics;
+        if error.is_authn_failure() {
+            m.authentication_failure_count.inc();
+        }
+        if let Some(kind) = error.sign_error_type() {
+            m.csr_sign_err_count
+                .get_or_create(&SignErrorLabels { error: kind })
+                .inc();
+        }
+        if matches!(error, ServiceError::Csr(_)) {
+            m.csr_parsing_err_count.inc();
+        }
+        warn!(
+            outcome = "refused",
+            peer = ?peer,
+            code = ?error.to_status().code(),
+            reason = %error.reason(),
+            "CreateCertificate refused"
+        );
+    }
+}
+
+/// `metadata["ImpersonatedIdentity"]` when it is a non-empty string (istiod
+/// treats any other value as absent).
+fn impersonated_identity(req: &IstioCertificateRequest) -> Option<&str> {
+    let value = req.metadata.as_ref()?.fields.get(IMPERSONATED_IDENTITY)?;
+    match value.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CertificateService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        let m = &self.inner.metrics;
+        m.csr_count.inc();
+        m.inflight.inc();
+        let peer = request.remote_addr();
+        let result = self.handle(&request).await;
+        m.inflight.dec();
+        let elapsed = started.elapsed().as_secs_f64();
+        match result {
+            Ok((caller, issued)) => {
+                m.success_cert_issuance_count.inc();
+                m.request_duration
+                    .get_or_create(&OutcomeLabels {
+                        outcome: Outcome::issued,
+                    })
+                    .observe(elapsed);
+                info!(
+                    outcome = "issued",
+                    identity = %caller.identities().join(","),
+                    authn = %caller.detail(),
+                    unproven = matches!(caller.kind(), crate::metrics::AuthnKind::trusted_csr),
+                    peer = ?peer,
+                    serial = %issued.leaf.serial_hex,
+                    not_before = %crate::ca::cert::rfc3339(issued.not_before),
+                    not_after = %crate::ca::cert::rfc3339(issued.not_after),
+                    "certificate issued"
+                );
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.cert_chain,
+                }))
+            }
+            Err(error) => {
+                m.request_duration
+                    .get_or_create(&OutcomeLabels {
+                        outcome: error.outcome(),
+                    })
+                    .observe(elapsed);
+                self.record_failure(&error, peer);
+                Err(error.to_status())
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! TLS on the gRPC port: a serving certificate issued by the CA itself, client
+//! certificates requested and verified against the CA roots when sent, and an
+//! accept loop that handshakes each connection in its own task.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::debug;
+
+use crate::asn1::GeneralName;
+use crate::ca::{CaBundle, LeafSpec};
+
+/// DNS names istiod's serving certificate carries by default.
+pub const DEFAULT_DNS_NAMES: [&str; 4] = [
+    "istiod.istio-system.svc",
+    "istiod-remote.istio-system.svc",
+    "istio-pilot.istio-system.svc",
+    "localhost",
+];
+/// Serving certificate lifetime (clamped to the CA's).
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A client that has not finished its handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further accepted sockets wait.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("serving key generation failed: {0}")]
+    Key(String),
+    #[error("issuing the serving certificate failed: {0}")]
+    Issue(String),
+    #[error("building the TLS configuration failed: {0}")]
+    Config(String),
+}
+
+/// Sorted, de-duplicated serving DNS names: istiod's defaults plus `extra`.
+pub fn serving_dns_names(extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = DEFAULT_DNS_NAMES.iter().map(|s| s.to_string()).collect();
+    names.extend(extra.iter().filter(|s| !s.is_empty()).cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Issues a serving certificate from `bundle` and builds the rustls config.
+pub fn server_config(
+    bundle: &CaBundle,
+    dns_names: &[String],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    let mut sans: Vec<GeneralName> = dns_names.iter().cloned().map(GeneralName::Dns).collect();
+    sans.push(GeneralName::Ip(IpAddr::from([127, 0, 0, 1])));
+    sans.push(GeneralName::Ip(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])));
+    let now = OffsetDateTime::now_utc();
+    let (not_before, not_after) =
+        crate::issuance::validity(now, SERVING_CERT_TTL, bundle.not_after_limit());
+    let leaf = bundle
+        .signer()
+        .issue(&LeafSpec {
+            public_key: &key,
+            sans: &sans,
+            common_name: None,
+            not_before,
+            not_after,
+        })
+        .map_err(|e| TlsError::Issue(e.to_string()))?;
+    let mut chain = vec![CertificateDer::from(leaf.der)];
+    chain.extend(
+        bundle
+            .served_chain_der()
+            .into_iter()
+            .map(CertificateDer::from),
+    );
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+
+    let mut roots = rustls::RootCertStore::empty();
+    for root in bundle.roots() {
+        roots
+            .add(CertificateDer::from(root.der.clone()))
+            .map_err(|e| TlsError::Config(format!("root {}: {e}", root.name())))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and yields finished TLS streams. Each handshake
+/// runs in its own task with a timeout so a slow client cannot stall accepts.
+/// The config is read per connection, so a swapped config applies to new ones.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ArcSwap<ServerConfig>>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(1024);
+    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    // Out of file descriptors and similar: back off briefly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                break;
+            }
+            let _ = tcp.set_nodelay(true);
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                break;
+            };
+            let acceptor = TlsAcceptor::from(config.load_full());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
