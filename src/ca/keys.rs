@@ -264,23 +264,47 @@ mod tests {
     }
 
     #[test]
-    fn sec1_keys_load_with_and_without_ec_parameters() {
+    fn openssl_sec1_keys_load_with_and_without_ec_parameters() {
+        for (curve, kind) in [
+            ("prime256v1", KeyKind::EcdsaP256),
+            ("secp384r1", KeyKind::EcdsaP384),
+        ] {
+            // `openssl ecparam -genkey` writes an EC PARAMETERS block before the key.
+            let out = std::process::Command::new("openssl")
+                .args(["ecparam", "-genkey", "-name", curve])
+                .output()
+                .expect("openssl is installed");
+            let text = String::from_utf8(out.stdout).unwrap();
+            assert!(text.contains("BEGIN EC PARAMETERS") && text.contains("BEGIN EC PRIVATE KEY"));
+            let k = CaKey::ca_from_pem(&text).unwrap();
+            assert_eq!(k.kind(), kind);
+            assert!(k.had_ec_parameters());
+            assert_eq!(k.source_label(), "EC PRIVATE KEY");
+            let key_only = &text[text.find("-----BEGIN EC PRIVATE KEY").unwrap()..];
+            let k = CaKey::ca_from_pem(key_only).unwrap();
+            assert_eq!(k.kind(), kind);
+            assert!(!k.had_ec_parameters());
+        }
+    }
+
+    #[test]
+    fn a_sec1_key_without_curve_needs_ec_parameters() {
         let kp = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        let pkcs8 = kp.serialize_der();
-        // PKCS#8 -> SEC1: the inner OCTET STRING of the PKCS#8 structure.
-        let sec1 = inner_private_key(&pkcs8);
+        // The key inside PKCS#8 omits the curve (the outer algorithm names it).
+        let sec1 = inner_private_key(&kp.serialize_der());
         let sec1_pem = pem::encode("EC PRIVATE KEY", &sec1);
-        let k = CaKey::ca_from_pem(&sec1_pem).unwrap();
-        assert_eq!(k.kind(), KeyKind::EcdsaP384);
-        assert_eq!(k.public_key_bits(), kp.der_bytes());
+        assert_eq!(
+            CaKey::ca_from_pem(&sec1_pem).unwrap_err(),
+            KeyError::MissingCurve
+        );
         let with_params = format!(
             "{}{}",
             pem::encode("EC PARAMETERS", asn1::OID_P384),
             sec1_pem
         );
         let k = CaKey::ca_from_pem(&with_params).unwrap();
-        assert!(k.had_ec_parameters());
         assert_eq!(k.kind(), KeyKind::EcdsaP384);
+        assert_eq!(k.public_key_bits(), kp.der_bytes());
     }
 
     #[test]

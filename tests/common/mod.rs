@@ -1,0 +1,452 @@
+//! Shared helpers for the integration tests: start the real server on
+//! 127.0.0.1:0 over real TLS, make CSRs and JWTs, and check issued chains
+//! with webpki and the openssl CLI (second implementations).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser as _;
+use plugca::app::App;
+use plugca::cli::{Cli, Command as PlugcaCommand};
+use plugca::client::{self, Connection, CsrShape, RequestOptions};
+use plugca::metrics::Metrics;
+use plugca::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+use rcgen::KeyPair;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tonic::transport::Channel;
+
+pub const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-sample-certs");
+pub const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/certs");
+pub const JWT_ISSUER: &str = "https://issuer.plugca.test";
+
+pub fn sample(name: &str) -> String {
+    std::fs::read_to_string(format!("{SAMPLES}/{name}")).unwrap()
+}
+
+/// A cacerts directory assembled from the sample files: (dest name, sample name).
+pub fn cacerts_from_samples(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (dest, src) in files {
+        std::fs::copy(format!("{SAMPLES}/{src}"), dir.path().join(dest)).unwrap();
+    }
+    dir
+}
+
+pub fn sample_set1() -> tempfile::TempDir {
+    cacerts_from_samples(&[
+        ("ca-cert.pem", "ca-cert.pem"),
+        ("ca-key.pem", "ca-key.pem"),
+        ("cert-chain.pem", "cert-chain.pem"),
+        ("root-cert.pem", "root-cert.pem"),
+    ])
+}
+
+pub fn sample_alt_set() -> tempfile::TempDir {
+    cacerts_from_samples(&[
+        ("ca-cert.pem", "ca-cert-alt.pem"),
+        ("ca-key.pem", "ca-key-alt.pem"),
+        ("cert-chain.pem", "cert-chain-alt.pem"),
+        ("root-cert.pem", "root-cert-alt.pem"),
+    ])
+}
+
+/// A running server and what a client needs to reach it.
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub monitoring: SocketAddr,
+    pub root_pem: String,
+    pub metrics: Arc<Metrics>,
+    pub ca: Arc<plugca::server::CaState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), plugca::app::AppError>>>,
+}
+
+impl TestServer {
+    /// Starts `plugca serve` in-process with `args` plus loopback port-0 listeners.
+    pub async fn start(args: &[&str]) -> TestServer {
+        let mut all = vec![
+            "plugca",
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).unwrap();
+        let PlugcaCommand::Serve(serve) = cli.command else {
+            unreachable!()
+        };
+        let config = serve.into_config().unwrap();
+        let app = App::build(&config).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = TestServer {
+            grpc: app.grpc_addr(),
+            monitoring: app.monitoring_addr(),
+            root_pem: app.ca().current().unwrap().root_bundle().to_string(),
+            metrics: app.metrics(),
+            ca: app.ca(),
+            stop: Some(stop),
+            task: None,
+        };
+        let task = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            task: Some(task),
+            ..server
+        }
+    }
+
+    pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        self.client_with(None).await
+    }
+
+    pub async fn client_with(
+        &self,
+        identity: Option<(String, String)>,
+    ) -> IstioCertificateServiceClient<Channel> {
+        client::connect(&Connection {
+            addr: self.grpc.to_string(),
+            root_cert_pem: self.root_pem.clone(),
+            server_name: None,
+            client_identity: identity,
+            timeout: Duration::from_secs(20),
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// GET a monitoring path; returns (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.monitoring, path).await
+    }
+}
+
+/// Minimal HTTP/1.1 GET over a raw socket (no extra client dependency).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn p256() -> KeyPair {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+}
+
+/// RSA keys are slow to generate: make them with openssl.
+pub fn rsa(bits: u32) -> KeyPair {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            &format!("rsa_keygen_bits:{bits}"),
+        ])
+        .output()
+        .unwrap();
+    KeyPair::from_pem(&String::from_utf8(out.stdout).unwrap()).unwrap()
+}
+
+pub fn csr(key: &KeyPair, identity: Option<&str>, shape: CsrShape) -> String {
+    client::build_csr(key, identity, shape).unwrap()
+}
+
+/// Sends one CreateCertificate call.
+pub async fn request(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    csr: String,
+    opts: &RequestOptions,
+) -> Result<Vec<String>, (tonic::Code, String)> {
+    client::create_certificate(client, csr, opts)
+        .await
+        .map_err(|e| match e {
+            client::ClientError::Rpc { code, message } => (code, message),
+            other => panic!("unexpected client error: {other}"),
+        })
+}
+
+pub fn lab(ttl_secs: i64) -> RequestOptions {
+    RequestOptions {
+        ttl_secs,
+        ..Default::default()
+    }
+}
+
+pub fn der_of(pem_text: &str) -> Vec<CertificateDer<'static>> {
+    plugca::pem::parse_all(pem_text)
+        .unwrap()
+        .into_iter()
+        .map(|b| CertificateDer::from(b.der))
+        .collect()
+}
+
+/// Verifies `chain` (response elements) with webpki for both client and server use.
+pub fn webpki_verify(chain: &[String]) {
+    let leaf = der_of(&chain[0]).remove(0);
+    let intermediates: Vec<CertificateDer<'static>> = chain[1..chain.len() - 1]
+        .iter()
+        .flat_map(|e| der_of(e))
+        .collect();
+    let roots = der_of(chain.last().unwrap());
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
+    let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .expect("webpki verifies the issued chain");
+    }
+}
+
+/// `openssl verify` of the leaf against the last element (roots) and the middle
+/// elements (untrusted intermediates), for the given purpose. Returns stdout+stderr.
+pub fn openssl_verify(chain: &[String], purpose: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |n: &str, s: &str| {
+        let p = dir.path().join(n);
+        std::fs::write(&p, s).unwrap();
+        p
+    };
+    let leaf = w("leaf.pem", &chain[0]);
+    let roots = w("roots.pem", chain.last().unwrap());
+    let mut args: Vec<String> = vec![
+        "verify".into(),
+        "-purpose".into(),
+        purpose.into(),
+        "-CAfile".into(),
+        roots.display().to_string(),
+    ];
+    if chain.len() > 2 {
+        let mid = w("mid.pem", &chain[1..chain.len() - 1].concat());
+        args.push("-untrusted".into());
+        args.push(mid.display().to_string());
+    }
+    args.push(leaf.display().to_string());
+    let out = Command::new("openssl").args(&args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && text.contains(": OK"), text)
+}
+
+/// `openssl x509 -text` of a PEM certificate.
+pub fn openssl_text(pem_text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.pem");
+    std::fs::write(&p, pem_text).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Signing keys for test JWTs, and the JWKS file the server reads.
+pub struct JwtKeys {
+    pub ec: jsonwebtoken::EncodingKey,
+    pub rsa: jsonwebtoken::EncodingKey,
+    /// A key the server does not know.
+    pub stranger: jsonwebtoken::EncodingKey,
+    pub jwks_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl JwtKeys {
+    pub fn new() -> JwtKeys {
+        let ec = jsonwebtoken::EncodingKey::from_ec_der(&p256().serialize_der());
+        // jsonwebtoken wants PKCS#1 DER for RSA.
+        let out = Command::new("openssl")
+            .args(["genrsa", "-traditional", "2048"])
+            .output()
+            .unwrap();
+        let pkcs1 = plugca::pem::parse_first(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        assert_eq!(pkcs1.label, "RSA PRIVATE KEY");
+        let rsa = jsonwebtoken::EncodingKey::from_rsa_der(&pkcs1.der);
+        let stranger = jsonwebtoken::EncodingKey::from_ec_der(&p256().serialize_der());
+        let mut ec_jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&ec, jsonwebtoken::Algorithm::ES256).unwrap();
+        ec_jwk.common.key_id = Some("ec-1".into());
+        let mut rsa_jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa, jsonwebtoken::Algorithm::RS256)
+                .unwrap();
+        rsa_jwk.common.key_id = Some("rsa-1".into());
+        let set = jsonwebtoken::jwk::JwkSet {
+            keys: vec![ec_jwk, rsa_jwk],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let jwks_path = dir.path().join("jwks.json");
+        std::fs::write(&jwks_path, serde_json::to_vec(&set).unwrap()).unwrap();
+        JwtKeys {
+            ec,
+            rsa,
+            stranger,
+            jwks_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn server_args(&self) -> Vec<String> {
+        vec![
+            "--jwt-issuer".into(),
+            JWT_ISSUER.into(),
+            "--jwks-file".into(),
+            self.jwks_path.display().to_string(),
+        ]
+    }
+}
+
+/// Claims of a test token; `exp` and `nbf` are offsets from now in seconds.
+pub struct TokenSpec<'a> {
+    pub iss: &'a str,
+    pub aud: &'a str,
+    pub sub: &'a str,
+    pub exp_in: i64,
+    pub nbf_in: i64,
+}
+
+impl Default for TokenSpec<'_> {
+    fn default() -> Self {
+        TokenSpec {
+            iss: JWT_ISSUER,
+            aud: "istio-ca",
+            sub: "system:serviceaccount:foo:httpbin",
+            exp_in: 3600,
+            nbf_in: -60,
+        }
+    }
+}
+
+pub fn mint(
+    key: &jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
+    kid: &str,
+    spec: &TokenSpec,
+) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.into());
+    let claims = serde_json::json!({
+        "iss": spec.iss,
+        "aud": [spec.aud],
+        "sub": spec.sub,
+        "exp": now + spec.exp_in,
+        "nbf": now + spec.nbf_in,
+        "iat": now,
+    });
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+pub fn bearer(token: String) -> RequestOptions {
+    RequestOptions {
+        bearer_token: Some(token),
+        ..Default::default()
+    }
+}
+
+pub fn write_temp(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// Parsed facts of an issued leaf, read with x509-parser (our parser) for field checks.
+pub struct LeafFacts {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub san_critical: bool,
+    pub subject: String,
+    pub lifetime_secs: i64,
+    pub not_after: i64,
+    pub is_ca: bool,
+    pub bc_critical: bool,
+    pub ku_critical: bool,
+    pub serial: Vec<u8>,
+    pub aki: Option<Vec<u8>>,
+    pub sig_oid: String,
+    pub issuer_raw: Vec<u8>,
+}
+
+pub fn leaf_facts(pem_text: &str) -> LeafFacts {
+    use x509_parser::prelude::*;
+    let der = der_of(pem_text).remove(0);
+    let (_, c) = X509Certificate::from_der(&der).unwrap();
+    let san = c.subject_alternative_name().unwrap().unwrap();
+    let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    for n in &san.value.general_names {
+        match n {
+            GeneralName::URI(u) => uris.push(u.to_string()),
+            GeneralName::DNSName(d) => dns.push(d.to_string()),
+            _ => {}
+        }
+    }
+    let bc = c.basic_constraints().unwrap().unwrap();
+    let ku = c.key_usage().unwrap().unwrap();
+    assert!(
+        ku.value.digital_signature() && ku.value.key_encipherment() && !ku.value.key_cert_sign()
+    );
+    let eku = c.extended_key_usage().unwrap().unwrap();
+    assert!(eku.value.server_auth && eku.value.client_auth);
+    let mut aki = None;
+    for ext in c.extensions() {
+        if let ParsedExtension::AuthorityKeyIdentifier(a) = ext.parsed_extension() {
+            aki = a.key_identifier.as_ref().map(|k| k.0.to_vec());
+        }
+    }
+    LeafFacts {
+        uris,
+        dns,
+        san_critical: san.critical,
+        subject: c.subject().to_string(),
+        lifetime_secs: c.validity().not_after.timestamp() - c.validity().not_before.timestamp(),
+        not_after: c.validity().not_after.timestamp(),
+        is_ca: bc.value.ca,
+        bc_critical: bc.critical,
+        ku_critical: ku.critical,
+        serial: c.raw_serial().to_vec(),
+        aki,
+        sig_oid: c.signature_algorithm.algorithm.to_id_string(),
+        issuer_raw: c.issuer().as_raw().to_vec(),
+    }
+}
