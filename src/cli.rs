@@ -1,7 +1,9 @@
 //! The `plugca` command line: `serve`, `request`, `certs`.
 
 pub mod certs;
+pub mod doctor;
 pub mod request;
+pub mod verify;
 
 use std::process::ExitCode;
 
@@ -34,6 +36,10 @@ pub enum Command {
     /// Generate a root CA or a plug-in intermediate (a `cacerts` directory).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Check a cacerts directory and explain every problem (exit 0 healthy, 1 problems, 2 unreadable).
+    Doctor(doctor::DoctorArgs),
+    /// Verify a workload's presented chain against the plugged CA files, like Istio's task.
+    Verify(verify::VerifyArgs),
 }
 
 /// Runs a non-serve subcommand; `serve` is driven by `main`.
@@ -42,6 +48,8 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Request(args) => request::run(args).await,
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Doctor(args) => return doctor::run(args),
+        Command::Verify(args) => return verify::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

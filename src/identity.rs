@@ -168,7 +168,7 @@ fn check_k8s_name(name: &str, kind: &'static str, max: usize) -> Result<(), Iden
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && !name.starts_with(['-', '.'])
         && !name.ends_with(['-', '.'])
-        && !(kind == "namespace" && name.contains('.'));
+        && (kind != "namespace" || !name.contains('.'));
     if ok {
         Ok(())
     } else {
