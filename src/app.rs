@@ -14,13 +14,14 @@ use tracing::{info, warn};
 use crate::authn::client_cert::ClientCertAuthenticator;
 use crate::authn::jwt::{JwksError, JwtAuthenticator};
 use crate::authn::{Authenticator, Authenticators};
-use crate::ca::generate::{self, CaSpec, GenerateError, KeyChoice};
-use crate::ca::{BundleError, CaBundle};
+use crate::ca::selfsigned::SelfSignedSpec;
+use crate::ca::{BundleError, Layout};
 use crate::config::Config;
 use crate::issuance::TtlPolicy;
 use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
 use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::reload::{ReloadError, Reloader};
 use crate::server::{CaState, CertificateService, ServiceConfig};
 use crate::tls::{self, TlsError};
 
@@ -37,8 +38,8 @@ pub enum AppError {
     Jwks(#[from] JwksError),
     #[error("{0}")]
     Tls(#[from] TlsError),
-    #[error("generating the self-signed root failed: {0}")]
-    SelfSigned(#[from] GenerateError),
+    #[error("{0}")]
+    Ca(#[from] ReloadError),
     #[error("cannot listen on {addr} ({what}): {reason}")]
     Bind {
         addr: SocketAddr,
@@ -57,42 +58,53 @@ pub struct App {
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
     ca: Arc<CaState>,
     metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+    reload_interval: std::time::Duration,
+    drain_timeout: std::time::Duration,
     serving: Arc<AtomicBool>,
 }
 
 impl App {
     pub async fn build(config: &Config) -> Result<App, AppError> {
         let now = OffsetDateTime::now_utc();
-        let bundle = match CaBundle::load_dir(&config.cacerts_dir, now)? {
-            Some(bundle) => {
-                info!(
-                    dir = %config.cacerts_dir.display(),
-                    layout = %bundle.layout(),
-                    signing = %bundle.signing_cert().subject,
-                    key = %bundle.signer().key_kind(),
-                    roots = bundle.roots().len(),
-                    "plugged-in CA loaded"
-                );
-                bundle
-            }
-            None => {
-                warn!(
-                    dir = %config.cacerts_dir.display(),
-                    "no CA bundle in the directory: using an in-memory self-signed root (it changes on every start)"
-                );
-                self_signed_bundle(config, now)?
-            }
+        let self_signed = SelfSignedSpec {
+            dir: config.self_signed_dir.clone(),
+            key: config.self_signed_key,
+            ttl: config.self_signed_ttl,
+            organization: config.trust_domain.to_string(),
         };
+        let bundle = Reloader::initial_bundle(
+            &config.cacerts_dir,
+            &self_signed,
+            config.extra_trust_roots.as_deref(),
+            now,
+        )?;
+        if bundle.layout() != Layout::SelfSigned {
+            info!(
+                dir = %config.cacerts_dir.display(),
+                layout = %bundle.layout(),
+                signing = %bundle.signing_cert().subject,
+                key = %bundle.signer().key_kind(),
+                roots = bundle.roots().len(),
+                "plugged-in CA loaded"
+            );
+        }
         let metrics = Arc::new(Metrics::new());
-        metrics.set_expiry(
-            bundle.root_expiry().unix_timestamp(),
-            bundle.signing_cert().not_after.unix_timestamp(),
-        );
-        let tls_config = Arc::new(ArcSwap::new(tls::server_config(
-            &bundle,
-            &tls::serving_dns_names(&config.server_dns_names),
-        )?));
+        let dns_names = tls::serving_dns_names(&config.server_dns_names);
+        let tls_config = Arc::new(ArcSwap::new(tls::server_config(&bundle, &dns_names)?));
         let ca = Arc::new(CaState::new(Some(bundle)));
+        let reloader = Arc::new(Reloader::new(
+            config.cacerts_dir.clone(),
+            ca.clone(),
+            tls_config.clone(),
+            dns_names,
+            metrics.clone(),
+            config.allow_root_replacement,
+            config.extra_trust_roots.clone(),
+            self_signed,
+            config.expiry_warning,
+        ));
+        reloader.check_expiry(now);
 
         let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
             config.trust_domain.clone(),
@@ -143,6 +155,9 @@ impl App {
             tls_config,
             ca,
             metrics,
+            reloader,
+            reload_interval: config.reload_interval,
+            drain_timeout: config.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -167,6 +182,11 @@ impl App {
         self.metrics.clone()
     }
 
+    /// The reloader, to force a reload (tests, SIGHUP).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` completes, then drains in-flight requests.
     pub async fn run(
         self,
@@ -187,12 +207,27 @@ impl App {
                 .await;
         });
 
-        let incoming = tls::incoming(self.grpc_listener, self.tls_config.clone());
+        let reload_task = self
+            .reloader
+            .clone()
+            .spawn(self.reload_interval, stop_rx.clone());
+        let incoming = tls::incoming(self.grpc_listener, self.tls_config.clone(), stop_rx.clone());
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<IstioCertificateServiceServer<CertificateService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| AppError::Serve(format!("reflection: {e}")))?;
         let mut grpc_stop = stop_rx.clone();
         let grpc = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
             .add_service(
                 IstioCertificateServiceServer::new(self.service)
                     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
@@ -200,20 +235,43 @@ impl App {
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             });
-        let grpc_task = tokio::spawn(grpc);
+        let mut grpc_task = tokio::spawn(grpc);
         self.serving.store(true, Ordering::Release);
         info!("serving");
 
-        shutdown.await;
-        info!("shutting down: no new connections, draining in-flight requests");
+        tokio::select! {
+            _ = shutdown => {}
+            result = &mut grpc_task => {
+                let _ = stop_tx.send(true);
+                let _ = monitoring_task.await;
+                return match result {
+                    Ok(Ok(())) => Err(AppError::Serve("the gRPC server stopped unexpectedly".into())),
+                    Ok(Err(e)) => Err(AppError::Serve(e.to_string())),
+                    Err(e) => Err(AppError::Serve(e.to_string())),
+                };
+            }
+        }
+        info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining in-flight requests");
         self.serving.store(false, Ordering::Release);
+        health_reporter
+            .set_not_serving::<IstioCertificateServiceServer<CertificateService>>()
+            .await;
         let _ = stop_tx.send(true);
-        let grpc_result = grpc_task.await;
+        let grpc_result = tokio::time::timeout(self.drain_timeout, &mut grpc_task).await;
+        let _ = reload_task.await;
         let _ = monitoring_task.await;
         match grpc_result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(Ok(()))) => {
+                info!("drained; exiting");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(AppError::Serve(e.to_string())),
             Ok(Err(e)) => Err(AppError::Serve(e.to_string())),
-            Err(e) => Err(AppError::Serve(e.to_string())),
+            Err(_) => {
+                grpc_task.abort();
+                warn!("drain timeout reached; exiting with requests still in flight");
+                Ok(())
+            }
         }
     }
 }
@@ -224,26 +282,6 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, AppEr
         what,
         reason: e.to_string(),
     })
-}
-
-/// istiod's self-signed root: subject `O=<trust domain>`, 10 years by default.
-fn self_signed_bundle(config: &Config, now: OffsetDateTime) -> Result<CaBundle, AppError> {
-    let key = generate::generate_key(KeyChoice::P256)?;
-    let ttl =
-        time::Duration::try_from(config.self_signed_ttl).unwrap_or(time::Duration::days(3650));
-    let root = generate::self_signed_root(
-        &CaSpec {
-            organization: Some(config.trust_domain.to_string()),
-            common_name: None,
-            locality: None,
-            not_before: now,
-            not_after: now + ttl,
-            path_len: None,
-            dns_sans: Vec::new(),
-        },
-        key,
-    )?;
-    Ok(CaBundle::self_signed(root.cert_pem, root.key, now)?)
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -5,6 +5,8 @@ pub mod bundle;
 pub mod cert;
 pub mod generate;
 pub mod keys;
+pub mod rotation;
+pub mod selfsigned;
 pub mod signer;
 
 pub use bundle::{BundleError, CaBundle, Layout};

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::ca::generate::KeyChoice;
 use crate::duration;
 use crate::identity::TrustDomain;
 
@@ -19,6 +20,9 @@ pub const MAX_WORKLOAD_CERT_TTL: &str = "2160h";
 pub const DEFAULT_JWT_AUDIENCE: &str = "istio-ca";
 pub const DEFAULT_SIGN_QUEUE_TIMEOUT: &str = "2s";
 pub const DEFAULT_SELF_SIGNED_TTL: &str = "87600h";
+pub const DEFAULT_EXPIRY_WARNING: &str = "720h";
+pub const DEFAULT_RELOAD_INTERVAL: &str = "60s";
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
 
 /// Flags of `plugca serve`. Each can also be set from the environment variable shown.
 #[derive(Debug, Clone, Args)]
@@ -82,6 +86,37 @@ pub struct ServeArgs {
     #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", default_value = DEFAULT_SELF_SIGNED_TTL)]
     pub self_signed_ttl: String,
 
+    /// Key type of the generated self-signed root.
+    #[arg(long, env = "PLUGCA_SELF_SIGNED_KEY", value_enum, default_value_t = KeyChoice::P256)]
+    pub self_signed_key: KeyChoice,
+
+    /// Directory to keep the self-signed root and key in (key mode 0600), so a
+    /// restart keeps the same root. Must not be the cacerts directory.
+    #[arg(long, env = "PLUGCA_SELF_SIGNED_DIR")]
+    pub self_signed_dir: Option<PathBuf>,
+
+    /// Accept a reloaded root-cert.pem that shares no root with the current one.
+    /// Without it only adding or removing roots is accepted (safe rotation).
+    #[arg(long, env = "PLUGCA_ALLOW_ROOT_REPLACEMENT")]
+    pub allow_root_replacement: bool,
+
+    /// PEM file of extra roots (an old root, a peer cluster's root) appended to
+    /// the root bundle sent to workloads.
+    #[arg(long, env = "PLUGCA_EXTRA_TRUST_ROOTS")]
+    pub extra_trust_roots: Option<PathBuf>,
+
+    /// Warn (log and metric) when the signing cert or a root expires within this.
+    #[arg(long, env = "PLUGCA_EXPIRY_WARNING", default_value = DEFAULT_EXPIRY_WARNING)]
+    pub expiry_warning: String,
+
+    /// Re-check the cacerts directory this often even without file events.
+    #[arg(long, env = "PLUGCA_RELOAD_INTERVAL", default_value = DEFAULT_RELOAD_INTERVAL)]
+    pub reload_interval: String,
+
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "PLUGCA_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT)]
+    pub drain_timeout: String,
+
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -116,6 +151,13 @@ pub struct Config {
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
     pub self_signed_ttl: Duration,
+    pub self_signed_key: KeyChoice,
+    pub self_signed_dir: Option<PathBuf>,
+    pub allow_root_replacement: bool,
+    pub extra_trust_roots: Option<PathBuf>,
+    pub expiry_warning: Duration,
+    pub reload_interval: Duration,
+    pub drain_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -130,6 +172,10 @@ pub enum ConfigError {
     },
     #[error("--jwt-issuer and --jwks-file must be given together")]
     JwtIncomplete,
+    #[error(
+        "--self-signed-dir must not be the --cacerts-dir ({0}): its files would look like a partial plugged-in bundle"
+    )]
+    SelfSignedDirIsCacertsDir(PathBuf),
 }
 
 impl ServeArgs {
@@ -209,6 +255,16 @@ impl ServeArgs {
             (None, None) => None,
             _ => return Err(ConfigError::JwtIncomplete),
         };
+        if self.self_signed_dir.as_ref() == Some(&self.cacerts_dir) {
+            return Err(ConfigError::SelfSignedDirIsCacertsDir(self.cacerts_dir));
+        }
+        let positive = |d: Duration, flag, env, v: &str| {
+            if d.is_zero() {
+                Err(invalid(flag, env, v, "must be positive".into()))
+            } else {
+                Ok(d)
+            }
+        };
         let max_concurrent_signs = match self.max_concurrent_signs {
             Some(0) => {
                 return Err(invalid(
@@ -249,6 +305,30 @@ impl ServeArgs {
                 "--self-signed-ttl",
                 "CITADEL_SELF_SIGNED_CA_CERT_TTL",
                 &self.self_signed_ttl,
+            )?,
+            self_signed_key: self.self_signed_key,
+            self_signed_dir: self.self_signed_dir,
+            allow_root_replacement: self.allow_root_replacement,
+            extra_trust_roots: self.extra_trust_roots,
+            expiry_warning: dur(
+                "--expiry-warning",
+                "PLUGCA_EXPIRY_WARNING",
+                &self.expiry_warning,
+            )?,
+            reload_interval: positive(
+                dur(
+                    "--reload-interval",
+                    "PLUGCA_RELOAD_INTERVAL",
+                    &self.reload_interval,
+                )?,
+                "--reload-interval",
+                "PLUGCA_RELOAD_INTERVAL",
+                &self.reload_interval,
+            )?,
+            drain_timeout: dur(
+                "--drain-timeout",
+                "PLUGCA_DRAIN_TIMEOUT",
+                &self.drain_timeout,
             )?,
             log_format: self.log_format,
         })

@@ -30,10 +30,15 @@ pub mod issuance;
 pub mod metrics;
 pub mod monitoring;
 pub mod pem;
+pub mod reload;
 pub mod server;
 pub mod tls;
 
 /// Generated protobuf and gRPC code for `istio.v1.auth`.
 pub mod pb {
     tonic::include_proto!("istio.v1.auth");
+
+    /// Encoded descriptor set of the proto (and its imports), for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/ca_descriptor.bin"));
 }

@@ -89,6 +89,32 @@ pub struct IssuedLabels {
     pub key: String,
 }
 
+/// Result of a CA reload attempt.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    success,
+    failure,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
+}
+
+/// Which CA certificate an expiry warning is about.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CaCertKind {
+    signing,
+    root,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaCertLabels {
+    pub cert: CaCertKind,
+}
+
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -105,6 +131,8 @@ pub struct Metrics {
     pub request_duration: Family<OutcomeLabels, Histogram>,
     pub issued: Family<IssuedLabels, prometheus_client::metrics::counter::Counter>,
     pub inflight: Gauge,
+    pub reloads: Family<ReloadLabels, prometheus_client::metrics::counter::Counter>,
+    pub expiring: Family<CaCertLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -140,72 +168,84 @@ impl Metrics {
             }),
             issued: Family::default(),
             inflight: Gauge::default(),
+            reloads: Family::default(),
+            expiring: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
             "citadel_server_csr_count",
-            "The number of CSRs received by Citadel server.",
+            "The number of CSRs received by Citadel server",
             m.csr_count.clone(),
         );
         registry.register(
             "citadel_server_authentication_failure_count",
-            "The number of authentication failures.",
+            "The number of authentication failures",
             m.authentication_failure_count.clone(),
         );
         registry.register(
             "citadel_server_csr_sign_err_count",
-            "The number of errors occurred when signing the CSR.",
+            "The number of errors occurred when signing the CSR",
             m.csr_sign_err_count.clone(),
         );
         registry.register(
             "citadel_server_success_cert_issuance_count",
-            "The number of certificates issuances that have succeeded.",
+            "The number of certificates issuances that have succeeded",
             m.success_cert_issuance_count.clone(),
         );
         registry.register(
             "citadel_server_csr_parsing_err_count",
-            "The number of errors occurred when parsing the CSR.",
+            "The number of errors occurred when parsing the CSR",
             m.csr_parsing_err_count.clone(),
         );
         registry.register(
             "citadel_server_id_extraction_err_count",
-            "The number of errors occurred when extracting the ID from CSR.",
+            "The number of errors occurred when extracting the ID from CSR",
             m.id_extraction_err_count.clone(),
         );
         registry.register(
             "citadel_server_root_cert_expiry_timestamp",
-            "The unix timestamp, in seconds, when Citadel root cert will expire.",
+            "The unix timestamp, in seconds, when Citadel root cert will expire",
             m.root_cert_expiry_timestamp.clone(),
         );
         registry.register(
             "citadel_server_root_cert_expiry_seconds",
-            "The time remaining, in seconds, before the root cert will expire.",
+            "The time remaining, in seconds, before the root cert will expire",
             m.root_cert_expiry_seconds.clone(),
         );
         registry.register(
             "citadel_server_cert_chain_expiry_timestamp",
-            "The unix timestamp, in seconds, when Citadel cert chain will expire.",
+            "The unix timestamp, in seconds, when Citadel cert chain will expire",
             m.cert_chain_expiry_timestamp.clone(),
         );
         registry.register(
             "citadel_server_cert_chain_expiry_seconds",
-            "The time remaining, in seconds, before the cert chain will expire.",
+            "The time remaining, in seconds, before the cert chain will expire",
             m.cert_chain_expiry_seconds.clone(),
         );
         registry.register(
             "plugca_request_duration_seconds",
-            "CreateCertificate latency by outcome.",
+            "CreateCertificate latency by outcome",
             m.request_duration.clone(),
         );
         registry.register(
             "plugca_certificates_issued",
-            "Certificates issued, by authenticator and CSR key type.",
+            "Certificates issued, by authenticator and CSR key type",
             m.issued.clone(),
         );
         registry.register(
             "plugca_inflight_requests",
-            "CreateCertificate calls in progress.",
+            "CreateCertificate calls in progress",
             m.inflight.clone(),
+        );
+        registry.register(
+            "plugca_ca_reloads",
+            "CA bundle reload attempts that changed the CA (success) or were refused (failure)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "plugca_ca_cert_expiring",
+            "1 when the signing certificate or a root is within --expiry-warning of NotAfter",
+            m.expiring.clone(),
         );
         Metrics { registry, ..m }
     }

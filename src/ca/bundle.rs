@@ -175,6 +175,8 @@ pub struct CaBundle {
     /// Response elements after the leaf: served chain (one cert each, `\n`-terminated) then the root bundle.
     response_tail: Vec<String>,
     root_bundle: String,
+    /// Roots from `--extra-trust-roots`, appended to the last response element.
+    extra_roots: Vec<Cert>,
     /// Earliest NotAfter on the signing path: no leaf outlives it.
     not_after_limit: OffsetDateTime,
     loaded_at: OffsetDateTime,
@@ -201,38 +203,29 @@ impl CaBundle {
         }
     }
 
-    /// Checks a bundle and prepares it for signing.
+    /// Checks a bundle and prepares it for signing. Refuses it with the first
+    /// problem [`inspect`] finds.
     pub fn from_files(files: BundleFiles, now: OffsetDateTime) -> Result<Self, BundleError> {
-        let signing_blocks = cert_blocks(&files.cert_file, &files.signing_pem, false)?;
-        let mut signing_certs = parse_certs(&files.cert_file, signing_blocks)?;
-        let signing = signing_certs.remove(0);
-        // In the TLS layout tls.crt may carry intermediates after the signing cert.
-        let mut chain = signing_certs;
-        let chain_blocks = cert_blocks(&files.chain_file, &files.chain_pem, true)?;
-        chain.extend(parse_certs(&files.chain_file, chain_blocks)?);
-        let root_blocks = cert_blocks(&files.root_file, &files.root_pem, false)?;
-        let roots = parse_certs(&files.root_file, root_blocks)?;
-
-        let key = CaKey::ca_from_pem(&files.key_pem).map_err(|error| BundleError::Key {
-            file: PathBuf::from(&files.key_file),
-            error,
-        })?;
-        if signing.key.is_none() {
-            return Err(BundleError::UnsupportedKey {
-                origin: signing.origin.to_string(),
-                reason: "not RSA, ECDSA P-256/P-384 or Ed25519".into(),
-            });
+        let Inspection {
+            layout,
+            key,
+            path,
+            path_end,
+            roots,
+            problems,
+            ..
+        } = inspect(&files, now);
+        if let Some(first) = problems.into_iter().next() {
+            return Err(first);
         }
-        if key.public_key_bits() != signing.public_key_bits.as_slice() {
-            return Err(BundleError::KeyMismatch {
-                cert_file: files.cert_file.clone(),
-                key_file: files.key_file.clone(),
-                subject: signing.name(),
-            });
-        }
-
-        let path = build_path(&signing, &chain, &roots, &files)?;
-        check_path(&path, now)?;
+        // With no problems recorded the key parsed and the path reached a root:
+        // a failure of either is always recorded as a problem.
+        let key = key?;
+        path_end?;
+        let signing = path
+            .first()
+            .expect("a path starts at the signing cert")
+            .clone();
 
         let mut response_tail: Vec<String> = path[..path.len() - 1]
             .iter()
@@ -251,13 +244,14 @@ impl CaBundle {
             .unwrap_or(signing.not_after);
         let signer = Signer::new(&signing, key).map_err(BundleError::Signer)?;
         Ok(CaBundle {
-            layout: files.layout,
+            layout,
             signer,
-            signing: signing.clone(),
+            signing,
             path,
             roots,
             response_tail,
             root_bundle: files.root_pem,
+            extra_roots: Vec::new(),
             not_after_limit,
             loaded_at: now,
         })
@@ -292,6 +286,45 @@ impl CaBundle {
     /// Intermediates served after a leaf (the response tail without the root bundle).
     pub fn served_chain(&self) -> &[String] {
         &self.response_tail[..self.response_tail.len() - 1]
+    }
+
+    /// Appends extra trust roots (an old root during rotation, a peer cluster's
+    /// root) to the last response element, so clients trust them too.
+    pub fn with_extra_trust_roots(mut self, file: &str, text: &str) -> Result<Self, BundleError> {
+        if text.trim().is_empty() {
+            return Ok(self);
+        }
+        let blocks = cert_blocks(file, text, false)?;
+        let certs = parse_certs(file, blocks)?;
+        let last = self
+            .response_tail
+            .last_mut()
+            .expect("the response tail always ends with the root bundle");
+        for cert in &certs {
+            if self.roots.iter().any(|r| r.der == cert.der) {
+                continue;
+            }
+            if !last.is_empty() && !last.ends_with('\n') {
+                last.push('\n');
+            }
+            last.push_str(&cert.text);
+            last.push('\n');
+        }
+        self.extra_roots = certs;
+        Ok(self)
+    }
+
+    /// DER of every root in the bundle (for rotation rules).
+    pub fn root_ders(&self) -> Vec<Vec<u8>> {
+        self.roots.iter().map(|r| r.der.clone()).collect()
+    }
+
+    /// Whether `other` would serve and sign exactly like `self`.
+    pub fn same_material(&self, other: &CaBundle) -> bool {
+        self.signing.der == other.signing.der
+            && self.response_tail == other.response_tail
+            && self.signer.key_id_hex() == other.signer.key_id_hex()
+            && self.signer.public_key_bits() == other.signer.public_key_bits()
     }
 
     /// DER of the certificates served between a leaf and the roots.
@@ -378,51 +411,141 @@ impl BundleFiles {
 
 /// Detects the layout in `dir` and reads its files. `Ok(None)` if no bundle file exists.
 pub fn read_files(dir: &Path) -> Result<Option<BundleFiles>, BundleError> {
-    let exists = |name: &str| dir.join(name).exists();
-    if exists(TLS_CRT) {
-        let needed = [TLS_CRT, TLS_KEY, TLS_CA];
-        check_complete(dir, &needed)?;
-        let cert = read_pem_file(&dir.join(TLS_CRT))?;
-        return Ok(Some(BundleFiles::new(
-            Layout::KubernetesTls,
-            [TLS_CRT, TLS_KEY, TLS_CRT, TLS_CA],
-            cert,
-            zeroize::Zeroizing::new(read_pem_file(&dir.join(TLS_KEY))?),
-            String::new(),
-            read_pem_file(&dir.join(TLS_CA))?,
-        )));
-    }
-    let needed = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
-    if !needed.iter().any(|n| exists(n)) {
-        return Ok(None);
-    }
-    check_complete(dir, &needed)?;
-    Ok(Some(BundleFiles::new(
-        Layout::Istiod,
-        needed,
-        read_pem_file(&dir.join(CA_CERT))?,
-        zeroize::Zeroizing::new(read_pem_file(&dir.join(CA_KEY))?),
-        read_pem_file(&dir.join(CERT_CHAIN))?,
-        read_pem_file(&dir.join(ROOT_CERT))?,
-    )))
+    scan_dir(dir).map(ScannedDir::into_files).transpose()
 }
 
-fn check_complete(dir: &Path, needed: &[&str]) -> Result<(), BundleError> {
-    let (present, missing): (Vec<&str>, Vec<&str>) =
-        needed.iter().partition(|n| dir.join(n).exists());
-    if missing.is_empty() {
-        return Ok(());
+/// A bundle file found in a directory: its text, or why it could not be read.
+pub struct ScannedFile {
+    pub name: &'static str,
+    text: Result<zeroize::Zeroizing<String>, BundleError>,
+}
+
+impl ScannedFile {
+    /// The file's text. Named `secret` because the key file goes through here too.
+    pub fn secret_text(&self) -> Result<&str, &BundleError> {
+        self.text.as_ref().map(|t| t.as_str())
     }
-    Err(BundleError::Incomplete {
+}
+
+impl std::fmt::Debug for ScannedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScannedFile")
+            .field("name", &self.name)
+            .field("text", &self.text.as_ref().map(|_| "[elided]"))
+            .finish()
+    }
+}
+
+/// The bundle files of a directory, detected and read but not yet checked.
+#[derive(Debug)]
+pub struct ScannedDir {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    /// The files the layout needs, in load order.
+    pub needed: &'static [&'static str],
+    /// Needed files that do not exist.
+    pub missing: Vec<&'static str>,
+    /// The needed files that exist, in load order.
+    pub files: Vec<ScannedFile>,
+}
+
+/// Detects the layout in `dir` and reads every bundle file present, keeping
+/// each read error. `None` if no bundle file exists (self-signed mode).
+pub fn scan_dir(dir: &Path) -> Option<ScannedDir> {
+    const TLS: &[&str] = &[TLS_CRT, TLS_KEY, TLS_CA];
+    const ISTIOD: &[&str] = &[CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
+    let exists = |name: &str| dir.join(name).exists();
+    let (layout, needed) = if exists(TLS_CRT) {
+        (Layout::KubernetesTls, TLS)
+    } else if ISTIOD.iter().any(|n| exists(n)) {
+        (Layout::Istiod, ISTIOD)
+    } else {
+        return None;
+    };
+    let (present, missing): (Vec<&'static str>, Vec<&'static str>) =
+        needed.iter().partition(|n| exists(n));
+    let files = present
+        .into_iter()
+        .map(|name| ScannedFile {
+            name,
+            text: read_pem_file(&dir.join(name)).map(zeroize::Zeroizing::new),
+        })
+        .collect();
+    Some(ScannedDir {
         dir: dir.to_path_buf(),
-        present: present.join(", "),
-        missing: format!(
-            "{} {}",
-            missing.join(", "),
-            if missing.len() == 1 { "is" } else { "are" }
-        ),
-        needed: needed.join(", "),
+        layout,
+        needed,
+        missing,
+        files,
     })
+}
+
+impl ScannedDir {
+    /// The error for a partial bundle, if files are missing.
+    pub fn incomplete(&self) -> Option<BundleError> {
+        if self.missing.is_empty() {
+            return None;
+        }
+        let present: Vec<&str> = self.files.iter().map(|f| f.name).collect();
+        Some(BundleError::Incomplete {
+            dir: self.dir.clone(),
+            present: present.join(", "),
+            missing: format!(
+                "{} {}",
+                self.missing.join(", "),
+                if self.missing.len() == 1 { "is" } else { "are" }
+            ),
+            needed: self.needed.join(", "),
+        })
+    }
+
+    /// The files for [`CaBundle::from_files`]: the incomplete-bundle error
+    /// first, then the first read error in load order.
+    pub fn into_files(self) -> Result<BundleFiles, BundleError> {
+        if let Some(e) = self.incomplete() {
+            return Err(e);
+        }
+        let mut texts = Vec::with_capacity(self.files.len());
+        for file in self.files {
+            texts.push(file.text?);
+        }
+        let mut texts = texts.into_iter();
+        let mut next = || {
+            texts
+                .next()
+                .map(|mut t| std::mem::take(&mut *t))
+                .unwrap_or_default()
+        };
+        Ok(match self.layout {
+            Layout::KubernetesTls => {
+                let cert = next();
+                let key = zeroize::Zeroizing::new(next());
+                let ca = next();
+                BundleFiles::new(
+                    Layout::KubernetesTls,
+                    [TLS_CRT, TLS_KEY, TLS_CRT, TLS_CA],
+                    cert,
+                    key,
+                    String::new(),
+                    ca,
+                )
+            }
+            Layout::Istiod | Layout::SelfSigned => {
+                let cert = next();
+                let key = zeroize::Zeroizing::new(next());
+                let chain = next();
+                let root = next();
+                BundleFiles::new(
+                    Layout::Istiod,
+                    [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT],
+                    cert,
+                    key,
+                    chain,
+                    root,
+                )
+            }
+        })
+    }
 }
 
 /// Reads a PEM file with a size bound, naming the file in every error.
@@ -449,6 +572,129 @@ pub fn read_pem_file(path: &Path) -> Result<String, BundleError> {
         file: path.to_path_buf(),
         reason: "not UTF-8 text (is it DER instead of PEM?)".into(),
     })
+}
+
+/// Parses the certificates of a bundle file. An empty file is allowed only
+/// when `may_be_empty` (a chain file); any non-CERTIFICATE block is an error.
+pub fn parse_cert_file(
+    file: &str,
+    text: &str,
+    may_be_empty: bool,
+) -> Result<Vec<Cert>, BundleError> {
+    cert_blocks(file, text, may_be_empty).and_then(|blocks| parse_certs(file, blocks))
+}
+
+/// Everything the load checks found in a bundle, for reports (`plugca doctor`).
+pub struct Inspection {
+    pub layout: Layout,
+    pub cert_file: String,
+    pub key_file: String,
+    pub chain_file: String,
+    pub root_file: String,
+    /// Certificates of the signing-cert file (the first is the signing cert);
+    /// empty when the file did not parse.
+    pub signing_file: Vec<Cert>,
+    /// Certificates of the chain file (empty in the TLS layout).
+    pub chain: Vec<Cert>,
+    pub roots: Vec<Cert>,
+    pub key: Result<CaKey, BundleError>,
+    /// From the signing cert toward a root, as far as it could be built
+    /// (empty when a certificate file did not parse).
+    pub path: Vec<Cert>,
+    /// `Ok` when `path` ends at a certificate of the root file, else why not.
+    pub path_end: Result<(), BundleError>,
+    /// Every failed check, in the order the load meets them: the bundle loads
+    /// exactly when this is empty, and the server refuses it with the first.
+    pub problems: Vec<BundleError>,
+}
+
+impl std::fmt::Debug for Inspection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inspection")
+            .field("layout", &self.layout)
+            .field("path", &self.path.len())
+            .field("problems", &self.problems)
+            .finish()
+    }
+}
+
+/// Runs every load check on `files`, recording each failure instead of
+/// stopping at the first. Later checks that need an earlier result (the path
+/// needs every certificate file) are skipped when it is missing.
+pub fn inspect(files: &BundleFiles, now: OffsetDateTime) -> Inspection {
+    let mut problems = Vec::new();
+    let mut certs_of = |file: &str, text: &str, may_be_empty: bool| {
+        parse_cert_file(file, text, may_be_empty).unwrap_or_else(|e| {
+            problems.push(e);
+            Vec::new()
+        })
+    };
+    let signing_file = certs_of(&files.cert_file, &files.signing_pem, false);
+    let chain = certs_of(&files.chain_file, &files.chain_pem, true);
+    let roots = certs_of(&files.root_file, &files.root_pem, false);
+    let certs_parsed = problems.is_empty();
+
+    let key = CaKey::ca_from_pem(&files.key_pem).map_err(|error| BundleError::Key {
+        file: PathBuf::from(&files.key_file),
+        error,
+    });
+    if let Err(e) = &key {
+        problems.push(e.clone());
+    }
+    if let Some(signing) = signing_file.first() {
+        if signing.key.is_none() {
+            problems.push(BundleError::UnsupportedKey {
+                origin: signing.origin.to_string(),
+                reason: "not RSA, ECDSA P-256/P-384 or Ed25519".into(),
+            });
+        } else if let Ok(key) = &key
+            && key.public_key_bits() != signing.public_key_bits.as_slice()
+        {
+            problems.push(BundleError::KeyMismatch {
+                cert_file: files.cert_file.clone(),
+                key_file: files.key_file.clone(),
+                subject: signing.name(),
+            });
+        }
+    }
+
+    let (path, path_end) = match signing_file.split_first() {
+        Some((signing, more)) if certs_parsed => {
+            // In the TLS layout tls.crt may carry intermediates after the signing cert.
+            let intermediates: Vec<Cert> = more.iter().chain(chain.iter()).cloned().collect();
+            let (path, end) = build_path(signing, &intermediates, &roots, files);
+            if let Err(e) = &end {
+                problems.push(e.clone());
+            }
+            problems.extend(path_problems(&path, end.is_ok(), now));
+            (path, end)
+        }
+        _ => {
+            // Only reached with a parse problem recorded; report the first as the reason.
+            let reason = problems
+                .first()
+                .cloned()
+                .unwrap_or(BundleError::NoCertificate {
+                    file: PathBuf::from(&files.cert_file),
+                });
+            (Vec::new(), Err(reason))
+        }
+    };
+
+    Inspection {
+        layout: files.layout,
+        cert_file: files.cert_file.clone(),
+        key_file: files.key_file.clone(),
+        chain_file: files.chain_file.clone(),
+        root_file: files.root_file.clone(),
+        signing_file,
+        chain,
+        roots,
+        key,
+        path,
+        path_end,
+        problems,
+    }
 }
 
 fn cert_blocks(file: &str, text: &str, may_be_empty: bool) -> Result<Vec<pem::Block>, BundleError> {
@@ -499,24 +745,26 @@ fn parse_certs(file: &str, blocks: Vec<pem::Block>) -> Result<Vec<Cert>, BundleE
 }
 
 /// Walks from the signing cert to a root, through the chain file's certificates.
+/// Returns the path as far as it got and, if it did not reach a root, why.
 fn build_path(
     signing: &Cert,
     chain: &[Cert],
     roots: &[Cert],
     files: &BundleFiles,
-) -> Result<Vec<Cert>, BundleError> {
+) -> (Vec<Cert>, Result<(), BundleError>) {
     let mut path = vec![signing.clone()];
     loop {
         let current = path.last().expect("path starts non-empty");
         if roots.iter().any(|r| r.der == current.der) {
             // The current cert is itself a trust anchor.
-            return Ok(path);
+            return (path, Ok(()));
         }
         if path.len() >= MAX_CHAIN_LEN {
-            return Err(BundleError::ChainTooLong {
+            let error = BundleError::ChainTooLong {
                 signing: signing.name(),
                 max: MAX_CHAIN_LEN,
-            });
+            };
+            return (path, Err(error));
         }
         let named: Vec<&Cert> = roots
             .iter()
@@ -524,21 +772,23 @@ fn build_path(
             .filter(|c| c.subject_raw == current.issuer_raw && c.der != current.der)
             .collect();
         if named.is_empty() {
-            return Err(BundleError::IssuerMissing {
+            let error = BundleError::IssuerMissing {
                 origin: current.origin.to_string(),
                 subject: current.name(),
                 issuer: current.issuer.clone(),
                 chain_file: files.chain_file.clone(),
                 root_file: files.root_file.clone(),
-            });
+            };
+            return (path, Err(error));
         }
         let Some(parent) = named.iter().find(|c| current.is_signed_by(c)) else {
-            return Err(BundleError::BadSignature {
+            let error = BundleError::BadSignature {
                 origin: current.origin.to_string(),
                 subject: current.name(),
                 parent_origin: named[0].origin.to_string(),
                 issuer: current.issuer.clone(),
-            });
+            };
+            return (path, Err(error));
         };
         // Prefer the root-file copy of a root that the chain file repeats.
         let parent = roots.iter().find(|r| r.der == parent.der).unwrap_or(parent);
@@ -546,21 +796,22 @@ fn build_path(
     }
 }
 
-/// Every check on the certificates of the signing path.
-fn check_path(path: &[Cert], now: OffsetDateTime) -> Result<(), BundleError> {
-    let anchor = path.len() - 1;
+/// Every check on the certificates of the signing path, in order; the path
+/// is `anchored` when its last certificate is from the root file.
+fn path_problems(path: &[Cert], anchored: bool, now: OffsetDateTime) -> Vec<BundleError> {
+    let anchor = anchored.then(|| path.len().saturating_sub(1));
+    let mut problems = Vec::new();
     for (i, cert) in path.iter().enumerate() {
         let origin = cert.origin.to_string();
         if cert.is_expired_at(now) {
-            return Err(BundleError::Expired {
-                origin,
+            problems.push(BundleError::Expired {
+                origin: origin.clone(),
                 subject: cert.name(),
                 not_after: rfc3339(cert.not_after),
             });
-        }
-        if cert.is_not_yet_valid_at(now) {
-            return Err(BundleError::NotYetValid {
-                origin,
+        } else if cert.is_not_yet_valid_at(now) {
+            problems.push(BundleError::NotYetValid {
+                origin: origin.clone(),
                 subject: cert.name(),
                 not_before: rfc3339(cert.not_before),
             });
@@ -568,8 +819,8 @@ fn check_path(path: &[Cert], now: OffsetDateTime) -> Result<(), BundleError> {
         if let Some(path_len) = cert.path_len
             && (path_len as usize) < i
         {
-            return Err(BundleError::PathLen {
-                origin,
+            problems.push(BundleError::PathLen {
+                origin: origin.clone(),
                 subject: cert.name(),
                 path_len,
                 below: i,
@@ -577,34 +828,34 @@ fn check_path(path: &[Cert], now: OffsetDateTime) -> Result<(), BundleError> {
         }
         // The anchor's own (self-)signature and extensions are not part of path validation,
         // unless it is also the signing cert.
-        if i == anchor && i != 0 {
+        if anchor == Some(i) && i != 0 {
             continue;
         }
         if !cert.is_ca {
-            return Err(BundleError::NotCa {
-                origin,
+            problems.push(BundleError::NotCa {
+                origin: origin.clone(),
                 subject: cert.name(),
             });
         }
         if cert.key_cert_sign == Some(false) {
-            return Err(BundleError::NoKeyCertSign {
-                origin,
+            problems.push(BundleError::NoKeyCertSign {
+                origin: origin.clone(),
                 subject: cert.name(),
             });
         }
         if cert.eku_allows_server_auth == Some(false) {
-            return Err(BundleError::EkuWithoutServerAuth {
-                origin,
+            problems.push(BundleError::EkuWithoutServerAuth {
+                origin: origin.clone(),
                 subject: cert.name(),
             });
         }
-        if i != anchor && cert.signature_algorithm.is_weak() {
-            return Err(BundleError::WeakSignature {
+        if anchor != Some(i) && cert.signature_algorithm.is_weak() {
+            problems.push(BundleError::WeakSignature {
                 origin,
                 subject: cert.name(),
                 algorithm: cert.signature_algorithm.to_string(),
             });
         }
     }
-    Ok(())
+    problems
 }

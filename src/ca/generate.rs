@@ -128,15 +128,24 @@ pub struct GeneratedCa {
 
 /// A self-signed root (SKI set; no AKI).
 pub fn self_signed_root(spec: &CaSpec, key: CaKey) -> Result<GeneratedCa, GenerateError> {
-    let params = spec.params()?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| GenerateError::Cert(e.to_string()))?;
+    let (cert_pem, cert_der) = self_signed_cert(spec, &key)?;
     Ok(GeneratedCa {
-        cert_pem: crate::pem::encode("CERTIFICATE", cert.der()),
-        cert_der: cert.der().to_vec(),
+        cert_pem,
+        cert_der,
         key,
     })
+}
+
+/// A self-signed root certificate for an existing key: (PEM, DER).
+pub fn self_signed_cert(spec: &CaSpec, key: &CaKey) -> Result<(String, Vec<u8>), GenerateError> {
+    let params = spec.params()?;
+    let cert = params
+        .self_signed(key)
+        .map_err(|e| GenerateError::Cert(e.to_string()))?;
+    Ok((
+        crate::pem::encode("CERTIFICATE", cert.der()),
+        cert.der().to_vec(),
+    ))
 }
 
 /// A CA certificate for `key` signed by `parent` (SKI and AKI set).

@@ -116,6 +116,16 @@ impl Signer {
         self.key_kind
     }
 
+    /// The CA key, for re-signing a self-signed root with the same key.
+    pub fn secret_key(&self) -> &CaKey {
+        self.issuer.key()
+    }
+
+    /// The public key of the CA key (to tell keys apart on reload).
+    pub fn public_key_bits(&self) -> &[u8] {
+        self.issuer.key().public_key_bits()
+    }
+
     /// The CA's key identifier as hex (for audit logs).
     pub fn key_id_hex(&self) -> &str {
         &self.key_id_hex

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use plugca::app::App;
+use plugca::ca::generate::{self, CaSpec, GeneratedCa, KeyChoice};
 use plugca::cli::{Cli, Command as PlugcaCommand};
 use plugca::client::{self, Connection, CsrShape, RequestOptions};
 use plugca::metrics::Metrics;
@@ -96,10 +97,18 @@ impl TestServer {
         let task = tokio::spawn(app.run(async move {
             let _ = stopped.await;
         }));
-        TestServer {
+        let server = TestServer {
             task: Some(task),
             ..server
+        };
+        // Ready means the gRPC port serves and the reload watcher is in place.
+        for _ in 0..200 {
+            if server.http_get("/ready").await.0 == 200 {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        panic!("the server did not become ready within 5 s");
     }
 
     pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
@@ -449,4 +458,191 @@ pub fn leaf_facts(pem_text: &str) -> LeafFacts {
         sig_oid: c.signature_algorithm.algorithm.to_id_string(),
         issuer_raw: c.issuer().as_raw().to_vec(),
     }
+}
+
+/// Starts a server from owned arguments (for argument lists built at run time).
+pub async fn start_server(args: &[String]) -> TestServer {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestServer::start(&args).await
+}
+
+/// `["--cacerts-dir", dir]` followed by `extra`.
+pub fn server_args(cacerts_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--cacerts-dir".to_string(),
+        cacerts_dir.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The identity lab-mode tests put in their CSRs.
+pub const LAB_ID: &str = "spiffe://cluster.local/ns/foo/sa/bar";
+/// The identity `TokenSpec::default()` proves.
+pub const JWT_ID: &str = "spiffe://cluster.local/ns/foo/sa/httpbin";
+
+/// A CSR with an optional subject CN and any number of URI SANs (built with rcgen).
+pub fn csr_with(key: &KeyPair, cn: Option<&str>, uris: &[&str]) -> String {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(cn) = cn {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+    }
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| rcgen::SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    params.serialize_request(key).unwrap().pem().unwrap()
+}
+
+/// Sends a hand-built request plus raw metadata headers, for what
+/// [`RequestOptions`] cannot express (odd metadata values, other auth schemes).
+pub async fn send_raw(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    body: plugca::pb::IstioCertificateRequest,
+    headers: &[(&'static str, &str)],
+) -> Result<Vec<String>, (tonic::Code, String)> {
+    let mut request = tonic::Request::new(body);
+    for (name, value) in headers {
+        request.metadata_mut().append(*name, value.parse().unwrap());
+    }
+    client
+        .create_certificate(request)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+        .map_err(|s| (s.code(), s.message().to_string()))
+}
+
+/// Request metadata (`google.protobuf.Struct`) from key/value pairs.
+pub fn metadata(fields: Vec<(&str, prost_types::value::Kind)>) -> Option<prost_types::Struct> {
+    Some(prost_types::Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), prost_types::Value { kind: Some(v) }))
+            .collect(),
+    })
+}
+
+/// Runs openssl with `args` in `dir`, asserting success; returns stdout.
+pub fn openssl_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Midnight UTC of a calendar day (certificate times with whole seconds).
+pub fn utc(year: i32, month: u8, day: u8) -> time::OffsetDateTime {
+    time::Date::from_calendar_date(year, time::Month::try_from(month).unwrap(), day)
+        .unwrap()
+        .midnight()
+        .assume_utc()
+}
+
+/// Now, truncated to whole seconds as certificates store it.
+pub fn now_secs() -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(time::OffsetDateTime::now_utc().unix_timestamp())
+        .unwrap()
+}
+
+/// A CA certificate profile for the project's generator.
+pub fn ca_spec(
+    common_name: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> CaSpec {
+    CaSpec {
+        organization: Some("plugca tests".into()),
+        common_name: Some(common_name.into()),
+        locality: None,
+        not_before,
+        not_after,
+        path_len: None,
+        dns_sans: Vec::new(),
+    }
+}
+
+/// A self-signed root made by the project's generator.
+pub fn gen_root(spec: &CaSpec, key: KeyChoice) -> GeneratedCa {
+    generate::self_signed_root(spec, generate::generate_key(key).unwrap()).unwrap()
+}
+
+/// A CA certificate signed by `parent`, made by the project's generator.
+pub fn gen_intermediate(spec: &CaSpec, key: KeyChoice, parent: &GeneratedCa) -> GeneratedCa {
+    generate::intermediate(
+        spec,
+        generate::generate_key(key).unwrap(),
+        &parent.cert_der,
+        &parent.key,
+    )
+    .unwrap()
+}
+
+/// A root valid from 2019 to 2100 (P-256).
+pub fn long_lived_root(common_name: &str) -> GeneratedCa {
+    gen_root(
+        &ca_spec(common_name, utc(2019, 1, 1), utc(2100, 1, 1)),
+        KeyChoice::P256,
+    )
+}
+
+/// PKCS#8 PEM of a generated CA's key.
+pub fn key_pem(ca: &GeneratedCa) -> String {
+    ca.key.secret_pkcs8_pem().to_string()
+}
+
+/// Writes the four istiod plug-in files into `dir`.
+pub fn write_cacerts(dir: &Path, ca_cert: &str, ca_key: &str, cert_chain: &str, root_cert: &str) {
+    for (name, contents) in [
+        ("ca-cert.pem", ca_cert),
+        ("ca-key.pem", ca_key),
+        ("cert-chain.pem", cert_chain),
+        ("root-cert.pem", root_cert),
+    ] {
+        std::fs::write(dir.join(name), contents).unwrap();
+    }
+}
+
+/// A cacerts directory for `signing` (signed directly by `root`): chain = signing cert.
+pub fn two_level_cacerts(signing: &GeneratedCa, root: &GeneratedCa) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_cacerts(
+        dir.path(),
+        &signing.cert_pem,
+        &key_pem(signing),
+        &signing.cert_pem,
+        &root.cert_pem,
+    );
+    dir
+}
+
+/// Scrapes `/metrics` and returns the value of the sample line `series` (name plus labels).
+pub async fn metric(server: &TestServer, series: &str) -> Option<String> {
+    let (status, body) = server.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(str::to_string)
+}
+
+/// The subject key identifier of a PEM certificate, read with x509-parser.
+pub fn ski_of(pem_text: &str) -> Option<Vec<u8>> {
+    use x509_parser::prelude::*;
+    let der = der_of(pem_text).remove(0);
+    let (_, c) = X509Certificate::from_der(&der).unwrap();
+    c.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+            _ => None,
+        })
 }

@@ -1,0 +1,366 @@
+//! Keeping the CA current without a restart: watch the cacerts directory
+//! (including Kubernetes' `..data` symlink swap), debounce, re-run every load
+//! check, apply the root rotation rules, and swap bundle and serving
+//! certificate whole. A refused bundle leaves the old one serving.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::ca::bundle::{BundleError, CaBundle, Layout};
+use crate::ca::rotation::RootChange;
+use crate::ca::selfsigned::{self, SelfSignedError, SelfSignedSpec};
+use crate::metrics::{CaCertKind, CaCertLabels, Metrics, ReloadLabels, ReloadResult};
+use crate::server::CaState;
+use crate::tls::{self, TlsError};
+
+/// Events closer together than this are handled as one reload.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    #[error(
+        "{dir}/root-cert.pem: {change}; refused because it would break trust for existing workloads (add the new root next to the old one first, or pass --allow-root-replacement)"
+    )]
+    UnsafeRootChange { dir: String, change: RootChange },
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    SelfSigned(#[from] SelfSignedError),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Unchanged,
+    Swapped {
+        roots: RootChange,
+        from_self_signed: bool,
+    },
+    /// The directory no longer holds a bundle; the loaded CA stays.
+    Kept,
+}
+
+/// Settings and shared state of the reloader.
+pub struct Reloader {
+    pub dir: PathBuf,
+    pub ca: Arc<CaState>,
+    pub tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    pub dns_names: Vec<String>,
+    pub metrics: Arc<Metrics>,
+    pub allow_root_replacement: bool,
+    pub extra_trust_roots: Option<PathBuf>,
+    pub self_signed: SelfSignedSpec,
+    pub expiry_warning: Duration,
+    /// Reloads run one at a time.
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dir: PathBuf,
+        ca: Arc<CaState>,
+        tls: Arc<ArcSwap<rustls::ServerConfig>>,
+        dns_names: Vec<String>,
+        metrics: Arc<Metrics>,
+        allow_root_replacement: bool,
+        extra_trust_roots: Option<PathBuf>,
+        self_signed: SelfSignedSpec,
+        expiry_warning: Duration,
+    ) -> Self {
+        Reloader {
+            dir,
+            ca,
+            tls,
+            dns_names,
+            metrics,
+            allow_root_replacement,
+            extra_trust_roots,
+            self_signed,
+            expiry_warning,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// The bundle to start with: the plugged one, else the self-signed one.
+    pub fn initial_bundle(
+        dir: &std::path::Path,
+        self_signed: &SelfSignedSpec,
+        extra_trust_roots: Option<&std::path::Path>,
+        now: OffsetDateTime,
+    ) -> Result<CaBundle, ReloadError> {
+        let bundle = match CaBundle::load_dir(dir, now)? {
+            Some(b) => b,
+            None => {
+                let (b, origin) = selfsigned::load_or_create(self_signed, now)?;
+                warn!(
+                    dir = %dir.display(),
+                    origin = ?origin,
+                    persisted_in = ?self_signed.dir,
+                    root = %b.signing_cert().subject,
+                    "no plugged-in CA bundle: using a self-signed root{}",
+                    if self_signed.dir.is_none() { " kept in memory only (it changes on every start; set --self-signed-dir to keep it)" } else { "" }
+                );
+                b
+            }
+        };
+        with_extra_roots(bundle, extra_trust_roots)
+    }
+
+    /// Re-reads the directory and swaps the CA if it changed and passes every check.
+    pub fn reload(&self, now: OffsetDateTime) -> Result<ReloadOutcome, ReloadError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.ca.current();
+        let loaded = match CaBundle::load_dir(&self.dir, now)? {
+            Some(b) => with_extra_roots(b, self.extra_trust_roots.as_deref())?,
+            None => {
+                if current
+                    .as_ref()
+                    .is_some_and(|c| c.layout() != Layout::SelfSigned)
+                {
+                    warn!(dir = %self.dir.display(), "the CA bundle files are gone; keeping the loaded CA");
+                    return Ok(ReloadOutcome::Kept);
+                }
+                return Ok(ReloadOutcome::Unchanged);
+            }
+        };
+        let mut roots = RootChange::Added;
+        let mut from_self_signed = true;
+        if let Some(cur) = &current {
+            if cur.same_material(&loaded) {
+                return Ok(ReloadOutcome::Unchanged);
+            }
+            from_self_signed = cur.layout() == Layout::SelfSigned;
+            if !from_self_signed {
+                roots = RootChange::classify(&cur.root_ders(), &loaded.root_ders());
+                if !roots.is_safe() && !self.allow_root_replacement {
+                    return Err(ReloadError::UnsafeRootChange {
+                        dir: self.dir.display().to_string(),
+                        change: roots,
+                    });
+                }
+            }
+        }
+        self.swap(loaded, now)?;
+        Ok(ReloadOutcome::Swapped {
+            roots,
+            from_self_signed,
+        })
+    }
+
+    /// Renews the self-signed root when it enters its last 20 % of life.
+    pub fn renew_self_signed_if_due(&self, now: OffsetDateTime) -> Result<bool, ReloadError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(cur) = self.ca.current() else {
+            return Ok(false);
+        };
+        if cur.layout() != Layout::SelfSigned {
+            return Ok(false);
+        }
+        match selfsigned::renew_if_due(&self.self_signed, &cur, now)? {
+            Some(renewed) => {
+                let renewed = with_extra_roots(renewed, self.extra_trust_roots.as_deref())?;
+                self.swap(renewed, now)?;
+                info!("self-signed root renewed with the same key");
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Sets the expiry metrics and warns about certificates close to NotAfter.
+    pub fn check_expiry(&self, now: OffsetDateTime) {
+        let Some(bundle) = self.ca.current() else {
+            return;
+        };
+        self.metrics.set_expiry(
+            bundle.root_expiry().unix_timestamp(),
+            bundle.signing_cert().not_after.unix_timestamp(),
+        );
+        let horizon =
+            now + time::Duration::try_from(self.expiry_warning).unwrap_or(time::Duration::ZERO);
+        let signing = bundle.signing_cert();
+        let signing_soon = signing.not_after <= horizon;
+        let roots_soon: Vec<_> = bundle
+            .roots()
+            .iter()
+            .filter(|r| r.not_after <= horizon)
+            .collect();
+        self.metrics
+            .expiring
+            .get_or_create(&CaCertLabels {
+                cert: CaCertKind::signing,
+            })
+            .set(i64::from(signing_soon));
+        self.metrics
+            .expiring
+            .get_or_create(&CaCertLabels {
+                cert: CaCertKind::root,
+            })
+            .set(i64::from(!roots_soon.is_empty()));
+        if signing_soon {
+            warn!(
+                cert = %signing.origin,
+                subject = %signing.subject,
+                not_after = %crate::ca::cert::rfc3339(signing.not_after),
+                days_left = (signing.not_after - now).whole_days(),
+                "the CA signing certificate expires soon: rotate it"
+            );
+        }
+        for root in roots_soon {
+            warn!(
+                cert = %root.origin,
+                subject = %root.subject,
+                not_after = %crate::ca::cert::rfc3339(root.not_after),
+                days_left = (root.not_after - now).whole_days(),
+                "a root certificate expires soon: rotate it"
+            );
+        }
+    }
+
+    fn swap(&self, bundle: CaBundle, now: OffsetDateTime) -> Result<(), ReloadError> {
+        let tls_config = tls::server_config(&bundle, &self.dns_names)?;
+        self.ca.replace(bundle);
+        self.tls.store(tls_config);
+        self.check_expiry(now);
+        Ok(())
+    }
+
+    fn record(&self, result: &Result<ReloadOutcome, ReloadError>, trigger: &str) {
+        match result {
+            Ok(ReloadOutcome::Swapped {
+                roots,
+                from_self_signed,
+            }) => {
+                self.metrics
+                    .reloads
+                    .get_or_create(&ReloadLabels {
+                        result: ReloadResult::success,
+                    })
+                    .inc();
+                let bundle = self.ca.current();
+                info!(
+                    trigger,
+                    dir = %self.dir.display(),
+                    roots = %roots,
+                    from_self_signed,
+                    signing = bundle.as_ref().map(|b| b.signing_cert().subject.clone()).unwrap_or_default(),
+                    "CA bundle reloaded; serving certificate re-issued"
+                );
+            }
+            Ok(ReloadOutcome::Unchanged) => debug!(trigger, "CA bundle unchanged"),
+            Ok(ReloadOutcome::Kept) => {}
+            Err(e) => {
+                self.metrics
+                    .reloads
+                    .get_or_create(&ReloadLabels {
+                        result: ReloadResult::failure,
+                    })
+                    .inc();
+                error!(trigger, error = %e, "CA bundle reload refused; the previous CA keeps serving");
+            }
+        }
+    }
+
+    /// Runs the watcher, SIGHUP handler and periodic checks until `stop` flips.
+    pub fn spawn(
+        self: Arc<Self>,
+        poll_interval: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        // The watcher is in place before this returns, so no change after start is missed.
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let watcher = watch_dir(&self.dir, tx);
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            #[cfg(unix)]
+            let mut hup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(poll_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                #[cfg(unix)]
+                let hup_recv = async {
+                    match hup.as_mut() {
+                        Some(h) => {
+                            h.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hup_recv = std::future::pending::<()>();
+                let trigger = tokio::select! {
+                    _ = rx.recv() => {
+                        // Debounce: a secret update touches several files.
+                        tokio::time::sleep(DEBOUNCE).await;
+                        while rx.try_recv().is_ok() {}
+                        "file change"
+                    }
+                    _ = hup_recv => "SIGHUP",
+                    _ = tick.tick() => "periodic check",
+                    _ = stop.changed() => break,
+                };
+                let me = self.clone();
+                let trigger_owned = trigger.to_string();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let now = OffsetDateTime::now_utc();
+                    let result = me.reload(now);
+                    me.record(&result, &trigger_owned);
+                    if trigger_owned == "periodic check" {
+                        if let Err(e) = me.renew_self_signed_if_due(now) {
+                            error!(error = %e, "self-signed root renewal failed");
+                        }
+                        me.check_expiry(now);
+                    }
+                })
+                .await;
+            }
+        })
+    }
+}
+
+fn with_extra_roots(
+    bundle: CaBundle,
+    file: Option<&std::path::Path>,
+) -> Result<CaBundle, ReloadError> {
+    let Some(file) = file else {
+        return Ok(bundle);
+    };
+    let text = crate::ca::bundle::read_pem_file(file)?;
+    Ok(bundle.with_extra_trust_roots(&file.display().to_string(), &text)?)
+}
+
+/// Watches `dir` (not recursively: Kubernetes swaps the `..data` symlink in it).
+fn watch_dir(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = match notify::recommended_watcher(
+        move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res
+                && !event.kind.is_access()
+            {
+                let _ = tx.try_send(());
+            }
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot create a file watcher; relying on periodic checks and SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+        warn!(dir = %dir.display(), error = %e, "cannot watch the cacerts directory; relying on periodic checks and SIGHUP");
+        return None;
+    }
+    Some(watcher)
+}
