@@ -17,12 +17,13 @@ use crate::authn::{Authenticator, Authenticators};
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
 use crate::config::Config;
+use crate::fault::Faults;
 use crate::issuance::TtlPolicy;
 use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
 use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::reload::{ReloadError, Reloader};
-use crate::server::{CaState, CertificateService, ServiceConfig};
+use crate::server::{CaState, CertificateService, IssuedLog, ServiceConfig};
 use crate::tls::{self, TlsError};
 
 /// Largest gRPC message accepted (a CSR is a few KiB; istiod allows 4 MiB).
@@ -59,6 +60,8 @@ pub struct App {
     ca: Arc<CaState>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    faults: Option<Arc<Faults>>,
+    issued_log: Option<Arc<IssuedLog>>,
     reload_interval: std::time::Duration,
     drain_timeout: std::time::Duration,
     serving: Arc<AtomicBool>,
@@ -128,6 +131,13 @@ impl App {
             );
         }
         let authenticators = Authenticators::new(chain);
+        let faults = config.faults.as_ref().map(|initial| {
+            warn!(faults = ?initial, "FAULT INJECTION enabled (test harness mode): admin endpoints /faults and /issued are open on the monitoring port");
+            let f = Arc::new(Faults::default());
+            f.set_global(initial.clone());
+            f
+        });
+        let issued_log = faults.as_ref().map(|_| Arc::new(IssuedLog::default()));
         info!(authenticators = ?authenticators.names(), lab_mode = config.insecure_trust_csr_identity, "authentication");
         let service = CertificateService::new(
             ca.clone(),
@@ -144,6 +154,8 @@ impl App {
                 sign_queue_timeout: config.sign_queue_timeout,
             },
             metrics.clone(),
+            faults.clone(),
+            issued_log.clone(),
         );
 
         let grpc_listener = bind(config.grpc_addr, "gRPC").await?;
@@ -156,6 +168,8 @@ impl App {
             ca,
             metrics,
             reloader,
+            faults,
+            issued_log,
             reload_interval: config.reload_interval,
             drain_timeout: config.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
@@ -182,6 +196,16 @@ impl App {
         self.metrics.clone()
     }
 
+    /// The fault switchboard, when fault injection is enabled.
+    pub fn faults(&self) -> Option<Arc<Faults>> {
+        self.faults.clone()
+    }
+
+    /// Every certificate issued, when fault injection (harness mode) is enabled.
+    pub fn issued_log(&self) -> Option<Arc<IssuedLog>> {
+        self.issued_log.clone()
+    }
+
     /// The reloader, to force a reload (tests, SIGHUP).
     pub fn reloader(&self) -> Arc<Reloader> {
         self.reloader.clone()
@@ -197,6 +221,8 @@ impl App {
             ca: self.ca.clone(),
             metrics: self.metrics.clone(),
             serving: self.serving.clone(),
+            faults: self.faults.clone(),
+            issued_log: self.issued_log.clone(),
         });
         let mut mon_stop = stop_rx.clone();
         let monitoring_task = tokio::spawn(async move {

@@ -57,6 +57,16 @@ pub enum GeneralName {
     Ip(std::net::IpAddr),
 }
 
+impl std::fmt::Display for GeneralName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GeneralName::Uri(u) => write!(f, "URI:{u}"),
+            GeneralName::Dns(d) => write!(f, "DNS:{d}"),
+            GeneralName::Ip(ip) => write!(f, "IP:{ip}"),
+        }
+    }
+}
+
 /// DER of `GeneralNames` (the extnValue content of subjectAltName).
 pub fn general_names(names: &[GeneralName]) -> Vec<u8> {
     let mut body = Vec::new();

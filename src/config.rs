@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::ca::generate::KeyChoice;
 use crate::duration;
+use crate::fault::Fault;
 use crate::identity::TrustDomain;
 
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
@@ -117,6 +118,17 @@ pub struct ServeArgs {
     #[arg(long, env = "PLUGCA_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT)]
     pub drain_timeout: String,
 
+    /// TEST HARNESSES ONLY: enable fault injection and the admin endpoints on the
+    /// monitoring port (`PUT/POST/DELETE /faults`, `GET /issued`).
+    #[arg(long, env = "PLUGCA_ENABLE_FAULT_INJECTION")]
+    pub enable_fault_injection: bool,
+
+    /// A fault applied to every request (implies --enable-fault-injection); repeatable.
+    /// One of refuse:<grpc code>[:message], empty-chain, leaf-only, latency:<duration>,
+    /// expired, not-yet-valid, ttl:<duration>, wrong-key.
+    #[arg(long = "fault", env = "PLUGCA_FAULTS", value_delimiter = ',')]
+    pub faults: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -158,6 +170,8 @@ pub struct Config {
     pub expiry_warning: Duration,
     pub reload_interval: Duration,
     pub drain_timeout: Duration,
+    /// `Some` (possibly empty) when fault injection is enabled.
+    pub faults: Option<Vec<Fault>>,
     pub log_format: LogFormat,
 }
 
@@ -330,6 +344,20 @@ impl ServeArgs {
                 "PLUGCA_DRAIN_TIMEOUT",
                 &self.drain_timeout,
             )?,
+            faults: if self.enable_fault_injection || !self.faults.is_empty() {
+                Some(
+                    self.faults
+                        .iter()
+                        .filter(|f| !f.is_empty())
+                        .map(|f| {
+                            f.parse::<Fault>()
+                                .map_err(|e| invalid("--fault", "PLUGCA_FAULTS", f, e.to_string()))
+                        })
+                        .collect::<Result<_, _>>()?,
+                )
+            } else {
+                None
+            },
             log_format: self.log_format,
         })
     }

@@ -11,6 +11,7 @@ use crate::ca::signer::MAX_CN_LEN;
 use crate::ca::{CaBundle, IssuedLeaf, LeafSpec, SignError};
 use crate::csr::VerifiedCsr;
 use crate::duration::format_go;
+use crate::fault::LeafFaults;
 
 /// NotBefore is back-dated by this much for clock skew (istiod's grace period).
 pub const CLOCK_SKEW_GRACE: Duration = Duration::from_secs(120);
@@ -84,14 +85,50 @@ pub fn issue(
     policy: &TtlPolicy,
     now: OffsetDateTime,
 ) -> Result<Issued, IssueError> {
-    let lifetime = lifetime(requested_secs, policy)?;
+    issue_with_faults(
+        bundle,
+        caller,
+        csr,
+        requested_secs,
+        policy,
+        now,
+        &LeafFaults::default(),
+    )
+}
+
+/// [`issue`], with injected faults shaping the leaf (test harnesses only).
+pub fn issue_with_faults(
+    bundle: &CaBundle,
+    caller: &Caller,
+    csr: &VerifiedCsr,
+    requested_secs: i64,
+    policy: &TtlPolicy,
+    now: OffsetDateTime,
+    faults: &LeafFaults,
+) -> Result<Issued, IssueError> {
+    let lifetime = faults.ttl.map_or(lifetime(requested_secs, policy), Ok)?;
     let signing_not_after = bundle.signing_cert().not_after;
     if now >= signing_not_after {
         return Err(IssueError::SignerExpired {
             at: signing_not_after,
         });
     }
-    let (not_before, not_after) = validity(now, lifetime, bundle.not_after_limit());
+    let (mut not_before, mut not_after) = validity(now, lifetime, bundle.not_after_limit());
+    let hour = time::Duration::hours(1);
+    if faults.expired {
+        (not_before, not_after) = (not_before - hour * 2, now - hour);
+    }
+    if faults.not_yet_valid {
+        (not_before, not_after) = (not_before + hour, not_after + hour);
+    }
+    let stranger;
+    let public_key: &dyn rcgen::PublicKeyData = if faults.wrong_key {
+        stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IssueError::Sign(SignError::Rcgen(e.to_string())))?;
+        &stranger
+    } else {
+        csr.public_key()
+    };
     let sans = caller.sans();
     // Istio: CN = the first identity when the CSR asked for a CN, if it fits.
     let common_name = csr
@@ -101,7 +138,7 @@ pub fn issue(
         .map(String::as_str)
         .filter(|cn| cn.len() <= MAX_CN_LEN);
     let leaf = bundle.signer().issue(&LeafSpec {
-        public_key: csr.public_key(),
+        public_key,
         sans: &sans,
         common_name,
         not_before,

@@ -24,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod csr;
 pub mod duration;
+pub mod fault;
 pub mod fsutil;
 pub mod identity;
 pub mod issuance;
@@ -32,6 +33,8 @@ pub mod monitoring;
 pub mod pem;
 pub mod reload;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 
 /// Generated protobuf and gRPC code for `istio.v1.auth`.

@@ -9,11 +9,12 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use time::OffsetDateTime;
 
+use crate::fault::{Fault, Faults};
 use crate::metrics::Metrics;
-use crate::server::CaState;
+use crate::server::{CaState, IssuedLog};
 
 #[derive(Clone)]
 pub struct MonitoringState {
@@ -21,14 +22,100 @@ pub struct MonitoringState {
     pub metrics: Arc<Metrics>,
     /// Set once the gRPC listener is serving.
     pub serving: Arc<AtomicBool>,
+    /// Fault injection admin, only in test-harness mode.
+    pub faults: Option<Arc<Faults>>,
+    pub issued_log: Option<Arc<IssuedLog>>,
 }
 
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 16 * 1024;
+
 pub fn router(state: MonitoringState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/ready", get(ready))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    if state.faults.is_some() {
+        router = router
+            .route(
+                "/faults",
+                get(faults_get).put(faults_put).delete(faults_delete),
+            )
+            .route("/faults/next", post(faults_next))
+            .route("/issued", get(issued));
+    }
+    router
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .with_state(state)
+}
+
+/// Fault specs, one per line or comma-separated.
+fn parse_faults(body: &str) -> Result<Vec<Fault>, (StatusCode, String)> {
+    body.split(['\n', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<Fault>()
+                .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))
+        })
+        .collect()
+}
+
+async fn faults_get(State(state): State<MonitoringState>) -> impl IntoResponse {
+    let faults = state.faults.map(|f| f.global()).unwrap_or_default();
+    faults
+        .iter()
+        .map(|f| format!("{f:?}\n"))
+        .collect::<String>()
+}
+
+async fn faults_put(State(state): State<MonitoringState>, body: String) -> impl IntoResponse {
+    match (parse_faults(&body), state.faults) {
+        (Ok(list), Some(f)) => {
+            tracing::warn!(faults = ?list, "fault injection: global faults set");
+            f.set_global(list);
+            (StatusCode::OK, "ok\n".to_string())
+        }
+        (Err(e), _) => e,
+        (_, None) => (StatusCode::NOT_FOUND, "fault injection disabled\n".into()),
+    }
+}
+
+async fn faults_next(State(state): State<MonitoringState>, body: String) -> impl IntoResponse {
+    match (parse_faults(&body), state.faults) {
+        (Ok(list), Some(f)) => {
+            f.push_next(list);
+            (StatusCode::OK, "ok\n".to_string())
+        }
+        (Err(e), _) => e,
+        (_, None) => (StatusCode::NOT_FOUND, "fault injection disabled\n".into()),
+    }
+}
+
+async fn faults_delete(State(state): State<MonitoringState>) -> impl IntoResponse {
+    if let Some(f) = state.faults {
+        f.clear();
+    }
+    "ok\n"
+}
+
+async fn issued(State(state): State<MonitoringState>) -> impl IntoResponse {
+    let records = state.issued_log.map(|l| l.all()).unwrap_or_default();
+    let json: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "serial": r.serial_hex,
+                "sans": r.sans,
+                "leaf_pem": r.leaf_pem,
+                "cert_chain": r.cert_chain,
+            })
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::Value::Array(json).to_string(),
+    )
 }
 
 /// Why the server is not ready, if it is not.

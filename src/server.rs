@@ -18,6 +18,7 @@ use crate::authn::trusted_csr::{self, TrustedCsrError};
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, RequestContext};
 use crate::ca::CaBundle;
 use crate::csr::{CsrError, VerifiedCsr};
+use crate::fault::{Fault, Faults, LeafFaults};
 use crate::identity::TrustDomain;
 use crate::issuance::{self, IssueError, Issued, TtlPolicy};
 use crate::metrics::{
@@ -74,6 +75,50 @@ struct Inner {
     config: ServiceConfig,
     metrics: Arc<Metrics>,
     limiter: Arc<Semaphore>,
+    faults: Option<Arc<Faults>>,
+    issued_log: Option<Arc<IssuedLog>>,
+}
+
+/// Every certificate issued, kept for test harnesses to inspect (bounded).
+#[derive(Debug, Default)]
+pub struct IssuedLog {
+    entries: std::sync::Mutex<std::collections::VecDeque<IssuedRecord>>,
+}
+
+/// One issued certificate as a harness sees it.
+#[derive(Debug, Clone)]
+pub struct IssuedRecord {
+    pub leaf_pem: String,
+    pub cert_chain: Vec<String>,
+    pub sans: Vec<String>,
+    pub serial_hex: String,
+}
+
+impl IssuedLog {
+    /// Most records kept; the oldest are dropped first.
+    pub const CAPACITY: usize = 10_000;
+
+    fn record(&self, issued: &Issued) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() == Self::CAPACITY {
+            entries.pop_front();
+        }
+        entries.push_back(IssuedRecord {
+            leaf_pem: issued.leaf.pem.clone(),
+            cert_chain: issued.cert_chain.clone(),
+            sans: issued.sans.iter().map(ToString::to_string).collect(),
+            serial_hex: issued.leaf.serial_hex.clone(),
+        });
+    }
+
+    pub fn all(&self) -> Vec<IssuedRecord> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// Every way a request can fail, one variant per reason.
@@ -81,12 +126,18 @@ struct Inner {
 pub enum ServiceError {
     Unauthenticated(Vec<AuthnError>),
     LabModeIdentity(TrustedCsrError),
-    ImpersonationNotConfigured { requested: String },
+    ImpersonationNotConfigured {
+        requested: String,
+    },
     CaNotReady,
     Csr(CsrError),
     Issue(IssueError),
-    Overloaded { waited: Duration },
+    Overloaded {
+        waited: Duration,
+    },
     WorkerFailed(String),
+    /// A fault injected on purpose (test harnesses).
+    Injected(Status),
 }
 
 impl ServiceError {
@@ -114,6 +165,7 @@ impl ServiceError {
                 waited.as_millis()
             )),
             ServiceError::WorkerFailed(_) => Status::internal("CSR signing error (internal error)"),
+            ServiceError::Injected(status) => status.clone(),
         }
     }
 
@@ -123,7 +175,8 @@ impl ServiceError {
             ServiceError::Unauthenticated(_)
             | ServiceError::LabModeIdentity(_)
             | ServiceError::ImpersonationNotConfigured { .. }
-            | ServiceError::Overloaded { .. } => None,
+            | ServiceError::Overloaded { .. }
+            | ServiceError::Injected(_) => None,
             ServiceError::CaNotReady => Some(SignErrorType::CA_NOT_READY),
             ServiceError::Csr(_) => Some(SignErrorType::CSR_ERROR),
             ServiceError::Issue(IssueError::Ttl { .. }) => Some(SignErrorType::TTL_ERROR),
@@ -174,12 +227,19 @@ impl ServiceError {
                 format!("no signing slot within {} ms", waited.as_millis())
             }
             ServiceError::WorkerFailed(e) => e.clone(),
+            ServiceError::Injected(status) => format!("injected fault: {status:?}"),
         }
     }
 }
 
 impl CertificateService {
-    pub fn new(ca: Arc<CaState>, config: ServiceConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        ca: Arc<CaState>,
+        config: ServiceConfig,
+        metrics: Arc<Metrics>,
+        faults: Option<Arc<Faults>>,
+        issued_log: Option<Arc<IssuedLog>>,
+    ) -> Self {
         let limiter = Arc::new(Semaphore::new(config.max_concurrent_signs.max(1)));
         CertificateService {
             inner: Arc::new(Inner {
@@ -187,6 +247,8 @@ impl CertificateService {
                 config,
                 metrics,
                 limiter,
+                faults,
+                issued_log,
             }),
         }
     }
@@ -194,8 +256,19 @@ impl CertificateService {
     async fn handle(
         &self,
         request: &Request<IstioCertificateRequest>,
-    ) -> Result<(Caller, Issued), ServiceError> {
+        faults: &[Fault],
+        audit: &mut Audit,
+    ) -> Result<Issued, ServiceError> {
         let inner = &self.inner;
+        for fault in faults {
+            match fault {
+                Fault::Latency(d) => tokio::time::sleep(*d).await,
+                Fault::Refuse { code, message } => {
+                    return Err(ServiceError::Injected(Status::new(*code, message.clone())));
+                }
+                _ => {}
+            }
+        }
         let peer_certs = request.peer_certs();
         let ctx = RequestContext {
             metadata: request.metadata(),
@@ -214,6 +287,7 @@ impl CertificateService {
                 None
             }
         };
+        audit.caller = header_caller.clone();
         let body = request.get_ref();
         if let Some(requested) = impersonated_identity(body) {
             return Err(ServiceError::ImpersonationNotConfigured {
@@ -222,6 +296,7 @@ impl CertificateService {
         }
 
         let bundle = inner.ca.current().ok_or(ServiceError::CaNotReady)?;
+        audit.ca_key_id = Some(bundle.signer().key_id_hex().to_string());
         let started = Instant::now();
         let timeout = inner.config.sign_queue_timeout;
         let permit = tokio::time::timeout(timeout, inner.limiter.clone().acquire_owned())
@@ -235,41 +310,62 @@ impl CertificateService {
         let requested_ttl = body.validity_duration;
         let lab_mode = inner.config.lab_mode.clone();
         let policy = inner.config.ttl;
+        let leaf_faults = LeafFaults::from_faults(faults);
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let csr = VerifiedCsr::parse(&csr_text).map_err(ServiceError::Csr)?;
-            let caller = match (header_caller, lab_mode) {
-                (Some(caller), _) => caller,
-                (None, Some(td)) => trusted_csr::caller_from_csr(&csr, &td)
-                    .map_err(ServiceError::LabModeIdentity)?,
-                (None, None) => return Err(ServiceError::Unauthenticated(Vec::new())),
-            };
-            let issued = issuance::issue(
-                &bundle,
-                &caller,
-                &csr,
-                requested_ttl,
-                &policy,
-                OffsetDateTime::now_utc(),
-            )
-            .map_err(ServiceError::Issue)?;
-            Ok::<_, ServiceError>((caller, issued, csr.key_kind()))
+            let mut caller = header_caller;
+            let result = (|| {
+                let csr = VerifiedCsr::parse(&csr_text).map_err(ServiceError::Csr)?;
+                if caller.is_none() {
+                    let td = lab_mode.ok_or(ServiceError::Unauthenticated(Vec::new()))?;
+                    caller = Some(
+                        trusted_csr::caller_from_csr(&csr, &td)
+                            .map_err(ServiceError::LabModeIdentity)?,
+                    );
+                }
+                let who = caller
+                    .as_ref()
+                    .ok_or(ServiceError::Unauthenticated(Vec::new()))?;
+                let issued = issuance::issue_with_faults(
+                    &bundle,
+                    who,
+                    &csr,
+                    requested_ttl,
+                    &policy,
+                    OffsetDateTime::now_utc(),
+                    &leaf_faults,
+                )
+                .map_err(ServiceError::Issue)?;
+                Ok((issued, csr.key_kind()))
+            })();
+            (caller, result)
         });
-        let (caller, issued, key_kind) = work
+        let (caller, result) = work
             .await
-            .map_err(|e| ServiceError::WorkerFailed(e.to_string()))??;
-        inner
-            .metrics
-            .issued
-            .get_or_create(&IssuedLabels {
-                authenticator: caller.kind(),
-                key: key_kind.label(),
-            })
-            .inc();
-        Ok((caller, issued))
+            .map_err(|e| ServiceError::WorkerFailed(e.to_string()))?;
+        audit.caller = caller;
+        let (mut issued, key_kind) = result?;
+        if let Some(caller) = &audit.caller {
+            inner
+                .metrics
+                .issued
+                .get_or_create(&IssuedLabels {
+                    authenticator: caller.kind(),
+                    key: key_kind.label(),
+                })
+                .inc();
+        }
+        for fault in faults {
+            match fault {
+                Fault::EmptyChain => issued.cert_chain.clear(),
+                Fault::LeafOnly => issued.cert_chain.truncate(1),
+                _ => {}
+            }
+        }
+        Ok(issued)
     }
 
-    fn record_failure(&self, error: &ServiceError, peer: Option<std::net::SocketAddr>) {
+    fn record_failure(&self, error: &ServiceError, audit: &Audit) {
         let m = &self.inner.metrics;
         if error.is_authn_failure() {
             m.authentication_failure_count.inc();
@@ -283,12 +379,55 @@ impl CertificateService {
             m.csr_parsing_err_count.inc();
         }
         warn!(
+            target: "plugca::audit",
             outcome = "refused",
-            peer = ?peer,
             code = ?error.to_status().code(),
             reason = %error.reason(),
+            identity = %audit.identity(),
+            authn = %audit.authn(),
+            cluster = %audit.cluster,
+            peer = %audit.peer,
+            ca_key_id = %audit.ca_key_id.as_deref().unwrap_or("-"),
             "CreateCertificate refused"
         );
+    }
+}
+
+/// Non-secret facts about one request, for its audit line.
+#[derive(Debug, Default)]
+pub struct Audit {
+    caller: Option<Caller>,
+    cluster: String,
+    peer: String,
+    ca_key_id: Option<String>,
+}
+
+impl Audit {
+    fn new(request: &Request<IstioCertificateRequest>) -> Self {
+        let cluster = request
+            .metadata()
+            .get("clusterid")
+            .and_then(|v| v.to_str().ok())
+            .map(|c| c.chars().take(64).collect())
+            .unwrap_or_else(|| "-".into());
+        Audit {
+            caller: None,
+            cluster,
+            peer: request
+                .remote_addr()
+                .map_or_else(|| "-".into(), |a| a.to_string()),
+            ca_key_id: None,
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.caller
+            .as_ref()
+            .map_or_else(|| "-".into(), |c| c.identities().join(","))
+    }
+
+    fn authn(&self) -> &str {
+        self.caller.as_ref().map_or("-", |c| c.detail())
     }
 }
 
@@ -312,29 +451,42 @@ impl IstioCertificateService for CertificateService {
         let m = &self.inner.metrics;
         m.csr_count.inc();
         m.inflight.inc();
-        let peer = request.remote_addr();
-        let result = self.handle(&request).await;
+        let mut audit = Audit::new(&request);
+        let faults = match &self.inner.faults {
+            Some(f) => f.take_for_request(),
+            None => Vec::new(),
+        };
+        let result = self.handle(&request, &faults, &mut audit).await;
         m.inflight.dec();
         let elapsed = started.elapsed().as_secs_f64();
         match result {
-            Ok((caller, issued)) => {
+            Ok(issued) => {
                 m.success_cert_issuance_count.inc();
                 m.request_duration
                     .get_or_create(&OutcomeLabels {
                         outcome: Outcome::issued,
                     })
                     .observe(elapsed);
+                let sans: Vec<String> = issued.sans.iter().map(ToString::to_string).collect();
                 info!(
+                    target: "plugca::audit",
                     outcome = "issued",
-                    identity = %caller.identities().join(","),
-                    authn = %caller.detail(),
-                    unproven = matches!(caller.kind(), crate::metrics::AuthnKind::trusted_csr),
-                    peer = ?peer,
+                    identity = %audit.identity(),
+                    authn = %audit.authn(),
+                    unproven = audit.caller.as_ref().is_some_and(|c| matches!(c.kind(), crate::metrics::AuthnKind::trusted_csr)),
+                    cluster = %audit.cluster,
+                    peer = %audit.peer,
+                    sans = %sans.join(","),
                     serial = %issued.leaf.serial_hex,
                     not_before = %crate::ca::cert::rfc3339(issued.not_before),
                     not_after = %crate::ca::cert::rfc3339(issued.not_after),
+                    ca_key_id = %audit.ca_key_id.as_deref().unwrap_or("-"),
+                    faults = faults.len(),
                     "certificate issued"
                 );
+                if let Some(log) = &self.inner.issued_log {
+                    log.record(&issued);
+                }
                 Ok(Response::new(IstioCertificateResponse {
                     cert_chain: issued.cert_chain,
                 }))
@@ -345,7 +497,7 @@ impl IstioCertificateService for CertificateService {
                         outcome: error.outcome(),
                     })
                     .observe(elapsed);
-                self.record_failure(&error, peer);
+                self.record_failure(&error, &audit);
                 Err(error.to_status())
             }
         }

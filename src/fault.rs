@@ -1,0 +1,220 @@
+//! Fault injection for test harnesses: make the CA misbehave on purpose, the
+//! ways real CAs and networks do, so clients' error handling can be tested.
+//! Off unless `--enable-fault-injection` is given or the `testing` API is used.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::duration;
+
+/// One way to misbehave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Refuse the request with this gRPC status.
+    Refuse { code: tonic::Code, message: String },
+    /// Answer with an empty `cert_chain`.
+    EmptyChain,
+    /// Answer with the leaf only (no root element).
+    LeafOnly,
+    /// Wait this long before handling the request.
+    Latency(Duration),
+    /// Issue a leaf that expired an hour ago.
+    Expired,
+    /// Issue a leaf that becomes valid in an hour.
+    NotYetValid,
+    /// Issue a leaf with this lifetime, whatever was asked.
+    ShortTtl(Duration),
+    /// Sign a freshly generated key instead of the CSR's.
+    WrongKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid fault {spec:?}: {reason} (expected one of refuse:<grpc code>[:message], empty-chain, leaf-only, latency:<duration>, expired, not-yet-valid, ttl:<duration>, wrong-key)"
+)]
+pub struct FaultParseError {
+    pub spec: String,
+    pub reason: String,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = FaultParseError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |reason: &str| FaultParseError {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let (name, arg) = match spec.trim().split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (spec.trim(), None),
+        };
+        let dur = |a: Option<&str>| -> Result<Duration, FaultParseError> {
+            duration::parse(a.ok_or_else(|| err("missing duration"))?)
+                .map_err(|e| err(&e.to_string()))
+        };
+        Ok(match name {
+            "refuse" => {
+                let arg = arg.ok_or_else(|| err("missing gRPC code"))?;
+                let (code, message) = arg.split_once(':').unwrap_or((arg, "injected fault"));
+                Fault::Refuse {
+                    code: parse_code(code).ok_or_else(|| err("unknown gRPC code"))?,
+                    message: message.to_string(),
+                }
+            }
+            "empty-chain" => Fault::EmptyChain,
+            "leaf-only" => Fault::LeafOnly,
+            "latency" => Fault::Latency(dur(arg)?),
+            "expired" => Fault::Expired,
+            "not-yet-valid" => Fault::NotYetValid,
+            "ttl" => Fault::ShortTtl(dur(arg)?),
+            "wrong-key" => Fault::WrongKey,
+            _ => return Err(err("unknown fault")),
+        })
+    }
+}
+
+/// gRPC code by name (`unavailable`, `UNAVAILABLE`, `resource-exhausted`) or number.
+pub fn parse_code(text: &str) -> Option<tonic::Code> {
+    if let Ok(n) = text.parse::<i32>() {
+        let code = tonic::Code::from_i32(n);
+        return (code != tonic::Code::Unknown || n == 2).then_some(code);
+    }
+    let norm = text.to_ascii_lowercase().replace(['-', '_'], "");
+    (0..=16)
+        .map(tonic::Code::from_i32)
+        .find(|c| format!("{c:?}").to_ascii_lowercase() == norm)
+}
+
+/// The faults in force: global ones apply to every request, queued ones to the
+/// next requests, one set each.
+#[derive(Debug, Default)]
+pub struct Faults {
+    global: Mutex<Vec<Fault>>,
+    next: Mutex<VecDeque<Vec<Fault>>>,
+}
+
+impl Faults {
+    pub fn set_global(&self, faults: Vec<Fault>) {
+        *self.global.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    /// Applies `faults` to the next request only (queued after earlier ones).
+    pub fn push_next(&self, faults: Vec<Fault>) {
+        self.next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(faults);
+    }
+
+    pub fn clear(&self) {
+        self.set_global(Vec::new());
+        self.next.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    pub fn global(&self) -> Vec<Fault> {
+        self.global
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The faults for one request: the next queued set plus the global ones.
+    pub fn take_for_request(&self) -> Vec<Fault> {
+        let mut faults = self
+            .next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .unwrap_or_default();
+        faults.extend(self.global());
+        faults
+    }
+}
+
+/// Leaf-shaping faults, resolved for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeafFaults {
+    pub expired: bool,
+    pub not_yet_valid: bool,
+    pub ttl: Option<Duration>,
+    pub wrong_key: bool,
+}
+
+impl LeafFaults {
+    pub fn from_faults(faults: &[Fault]) -> Self {
+        let mut lf = LeafFaults::default();
+        for f in faults {
+            match f {
+                Fault::Expired => lf.expired = true,
+                Fault::NotYetValid => lf.not_yet_valid = true,
+                Fault::ShortTtl(d) => lf.ttl = Some(*d),
+                Fault::WrongKey => lf.wrong_key = true,
+                Fault::Refuse { .. } | Fault::EmptyChain | Fault::LeafOnly | Fault::Latency(_) => {}
+            }
+        }
+        lf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_specs_parse() {
+        assert_eq!(
+            "refuse:unavailable".parse::<Fault>().unwrap(),
+            Fault::Refuse {
+                code: tonic::Code::Unavailable,
+                message: "injected fault".into()
+            }
+        );
+        assert_eq!(
+            "refuse:RESOURCE_EXHAUSTED:busy".parse::<Fault>().unwrap(),
+            Fault::Refuse {
+                code: tonic::Code::ResourceExhausted,
+                message: "busy".into()
+            }
+        );
+        assert_eq!(
+            "refuse:14".parse::<Fault>().unwrap(),
+            Fault::Refuse {
+                code: tonic::Code::Unavailable,
+                message: "injected fault".into()
+            }
+        );
+        assert_eq!(
+            "latency:250ms".parse::<Fault>().unwrap(),
+            Fault::Latency(Duration::from_millis(250))
+        );
+        assert_eq!(
+            "ttl:5s".parse::<Fault>().unwrap(),
+            Fault::ShortTtl(Duration::from_secs(5))
+        );
+        for s in [
+            "empty-chain",
+            "leaf-only",
+            "expired",
+            "not-yet-valid",
+            "wrong-key",
+        ] {
+            assert!(s.parse::<Fault>().is_ok(), "{s}");
+        }
+        for bad in ["refuse", "refuse:nope", "latency", "latency:x", "explode"] {
+            assert!(bad.parse::<Fault>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queued_faults_apply_once_and_global_ones_always() {
+        let f = Faults::default();
+        f.set_global(vec![Fault::LeafOnly]);
+        f.push_next(vec![Fault::Expired]);
+        assert_eq!(f.take_for_request(), vec![Fault::Expired, Fault::LeafOnly]);
+        assert_eq!(f.take_for_request(), vec![Fault::LeafOnly]);
+        f.clear();
+        assert!(f.take_for_request().is_empty());
+    }
+}
