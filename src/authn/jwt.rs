@@ -62,11 +62,52 @@ pub struct JwtAuthenticator {
     audiences: Vec<String>,
     keys: Vec<Key>,
     trust_domain: TrustDomain,
+    cache: VerifiedCache,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: i64,
+}
+
+/// Most verified tokens remembered.
+pub const TOKEN_CACHE_CAPACITY: usize = 16_384;
+
+/// Identities of recently verified tokens until they expire, keyed by the
+/// SHA-256 of the token (tokens themselves are never stored), so a renewal
+/// storm with the same tokens costs one signature check per token.
+#[derive(Default)]
+struct VerifiedCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (SpiffeId, i64)>>,
+}
+
+impl VerifiedCache {
+    fn key(token: &str) -> [u8; 32] {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut k = [0u8; 32];
+        k.copy_from_slice(digest.as_ref());
+        k
+    }
+
+    fn get(&self, key: &[u8; 32], now: i64) -> Option<SpiffeId> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(key)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(id, _)| id.clone())
+    }
+
+    fn put(&self, key: [u8; 32], id: SpiffeId, exp: i64, now: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= TOKEN_CACHE_CAPACITY {
+            entries.retain(|_, (_, e)| *e > now);
+            if entries.len() >= TOKEN_CACHE_CAPACITY {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (id, exp));
+    }
 }
 
 impl JwtAuthenticator {
@@ -131,6 +172,7 @@ impl JwtAuthenticator {
             audiences,
             keys,
             trust_domain,
+            cache: VerifiedCache::default(),
         })
     }
 
@@ -139,6 +181,17 @@ impl JwtAuthenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(JwtError::TooLong);
         }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let cache_key = VerifiedCache::key(token);
+        if let Some(id) = self.cache.get(&cache_key, now) {
+            return Ok(id);
+        }
+        let (id, exp) = self.verify_uncached(token)?;
+        self.cache.put(cache_key, id.clone(), exp, now);
+        Ok(id)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<(SpiffeId, i64), JwtError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(e.to_string()))?;
         if !ALLOWED_ALGS.contains(&header.alg) {
@@ -167,7 +220,7 @@ impl JwtAuthenticator {
         let mut last = JwtError::Invalid("no key matched".into());
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => return self.identity(&data.claims.sub),
+                Ok(data) => return Ok((self.identity(&data.claims.sub)?, data.claims.exp)),
                 Err(e) => last = JwtError::Invalid(format!("{:?}", e.kind())),
             }
         }
@@ -217,5 +270,59 @@ impl Authenticator for JwtAuthenticator {
             AuthnKind::jwt,
             format!("JWT from issuer {}", self.issuer),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: usize) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://td/ns/a/sa/s{n}")).unwrap()
+    }
+
+    #[test]
+    fn cached_identities_expire_with_their_token() {
+        let cache = VerifiedCache::default();
+        let k = VerifiedCache::key("token");
+        cache.put(k, id(1), 100, 50);
+        assert_eq!(cache.get(&k, 99), Some(id(1)));
+        assert_eq!(cache.get(&k, 100), None, "expired at exp");
+        assert_eq!(cache.get(&VerifiedCache::key("other"), 50), None);
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let cache = VerifiedCache::default();
+        for n in 0..TOKEN_CACHE_CAPACITY + 10 {
+            cache.put(VerifiedCache::key(&n.to_string()), id(n), 1000, 0);
+        }
+        let len = cache.entries.lock().unwrap().len();
+        assert!(len <= TOKEN_CACHE_CAPACITY, "{len}");
+    }
+
+    #[test]
+    fn subjects_must_be_kubernetes_service_accounts() {
+        let set: JwkSet = serde_json::from_str(r#"{"keys":[{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM","kid":"k"}]}"#).unwrap();
+        let a = JwtAuthenticator::from_jwks(
+            &set,
+            "iss".into(),
+            vec!["aud".into()],
+            TrustDomain::parse("td").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            a.identity("system:serviceaccount:ns:sa").unwrap().as_str(),
+            "spiffe://td/ns/ns/sa/sa"
+        );
+        for bad in [
+            "system:serviceaccount:ns",
+            "user:alice",
+            "system:serviceaccount:ns:sa:x",
+            "system:serviceaccount::sa",
+            "system:serviceaccount:ns/x:sa",
+        ] {
+            assert!(a.identity(bad).is_err(), "{bad}");
+        }
     }
 }
