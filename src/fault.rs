@@ -17,7 +17,7 @@ pub enum Fault {
     EmptyChain,
     /// Answer with the leaf only (no root element).
     LeafOnly,
-    /// Wait this long before handling the request.
+    /// Hold the signing slot this long before signing (a slow signer).
     Latency(Duration),
     /// Issue a leaf that expired an hour ago.
     Expired,

@@ -261,12 +261,8 @@ impl CertificateService {
     ) -> Result<Issued, ServiceError> {
         let inner = &self.inner;
         for fault in faults {
-            match fault {
-                Fault::Latency(d) => tokio::time::sleep(*d).await,
-                Fault::Refuse { code, message } => {
-                    return Err(ServiceError::Injected(Status::new(*code, message.clone())));
-                }
-                _ => {}
+            if let Fault::Refuse { code, message } = fault {
+                return Err(ServiceError::Injected(Status::new(*code, message.clone())));
             }
         }
         let peer_certs = request.peer_certs();
@@ -305,6 +301,12 @@ impl CertificateService {
                 waited: started.elapsed(),
             })?
             .map_err(|_| ServiceError::WorkerFailed("signing limiter closed".into()))?;
+        // Injected latency models a slow signer: it holds the signing slot.
+        for fault in faults {
+            if let Fault::Latency(d) = fault {
+                tokio::time::sleep(*d).await;
+            }
+        }
 
         let csr_text = body.csr.clone();
         let requested_ttl = body.validity_duration;
