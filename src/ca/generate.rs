@@ -80,8 +80,15 @@ pub struct CaSpec {
 }
 
 impl CaSpec {
-    fn params(&self) -> Result<CertificateParams, GenerateError> {
+    fn params(&self, key: &CaKey) -> Result<CertificateParams, GenerateError> {
         let mut params = CertificateParams::default();
+        // RFC 5280 method 1: SHA-1 of the subjectPublicKey bits (what openssl's
+        // subjectKeyIdentifier=hash writes), so linters recognise it.
+        let digest = ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            key.public_key_bits(),
+        );
+        params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(digest.as_ref().to_vec());
         let mut dn = DistinguishedName::new();
         if let Some(o) = &self.organization {
             dn.push(DnType::OrganizationName, o.as_str());
@@ -138,7 +145,7 @@ pub fn self_signed_root(spec: &CaSpec, key: CaKey) -> Result<GeneratedCa, Genera
 
 /// A self-signed root certificate for an existing key: (PEM, DER).
 pub fn self_signed_cert(spec: &CaSpec, key: &CaKey) -> Result<(String, Vec<u8>), GenerateError> {
-    let params = spec.params()?;
+    let params = spec.params(key)?;
     let cert = params
         .self_signed(key)
         .map_err(|e| GenerateError::Cert(e.to_string()))?;
@@ -155,7 +162,7 @@ pub fn intermediate(
     parent_cert_der: &[u8],
     parent_key: &CaKey,
 ) -> Result<GeneratedCa, GenerateError> {
-    let mut params = spec.params()?;
+    let mut params = spec.params(&key)?;
     params.use_authority_key_identifier_extension = true;
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(parent_cert_der), parent_key)
         .map_err(|e| GenerateError::Cert(e.to_string()))?;

@@ -16,6 +16,18 @@ use crate::ca::keys::{CaKey, KeyKind};
 
 /// subjectAltName (2.5.29.17).
 const OID_SAN: &[u64] = &[2, 5, 29, 17];
+/// basicConstraints (2.5.29.19).
+const OID_BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
+
+fn is_rsa(alg: &rcgen::SignatureAlgorithm) -> bool {
+    [
+        &rcgen::PKCS_RSA_SHA256,
+        &rcgen::PKCS_RSA_SHA384,
+        &rcgen::PKCS_RSA_SHA512,
+    ]
+    .contains(&alg)
+}
+
 /// Longest CN Istio puts in a leaf subject (X.520 ub-common-name).
 pub const MAX_CN_LEN: usize = 64;
 
@@ -142,20 +154,31 @@ impl Signer {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // istiod sets keyEncipherment for every key type; RFC 5480/8813 prohibit it
+        // for EC keys (pkilint flags it), and TLS with EC keys never uses it.
+        params.key_usages = if is_rsa(spec.public_key.algorithm()) {
+            vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ]
+        } else {
+            vec![KeyUsagePurpose::DigitalSignature]
+        };
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.is_ca = IsCa::ExplicitNoCa;
+        // Like istiod: critical CA:FALSE and no SKI on leaves (rcgen's
+        // ExplicitNoCa would add an SKI).
+        params.is_ca = IsCa::NoCa;
         params.use_authority_key_identifier_extension = true;
         // Istio marks the SAN critical even when a CN is present; rcgen would not.
         let mut san = CustomExtension::from_oid_content(OID_SAN, asn1::general_names(spec.sans));
         san.set_criticality(true);
-        params.custom_extensions = vec![san];
+        let mut basic_constraints =
+            CustomExtension::from_oid_content(OID_BASIC_CONSTRAINTS, vec![0x30, 0x00]);
+        basic_constraints.set_criticality(true);
+        params.custom_extensions = vec![basic_constraints, san];
         let cert = params
             .signed_by(&spec.public_key, &self.issuer)
             .map_err(|e| SignError::Rcgen(e.to_string()))?;

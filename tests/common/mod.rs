@@ -432,8 +432,16 @@ pub fn leaf_facts(pem_text: &str) -> LeafFacts {
     }
     let bc = c.basic_constraints().unwrap().unwrap();
     let ku = c.key_usage().unwrap().unwrap();
-    assert!(
-        ku.value.digital_signature() && ku.value.key_encipherment() && !ku.value.key_cert_sign()
+    assert!(ku.value.digital_signature() && !ku.value.key_cert_sign());
+    // keyEncipherment only for RSA keys (RFC 8813 prohibits it for EC).
+    let rsa_key = matches!(
+        c.public_key().parsed(),
+        Ok(x509_parser::public_key::PublicKey::RSA(_))
+    );
+    assert_eq!(
+        ku.value.key_encipherment(),
+        rsa_key,
+        "keyEncipherment iff RSA key"
     );
     let eku = c.extended_key_usage().unwrap().unwrap();
     assert!(eku.value.server_auth && eku.value.client_auth);
