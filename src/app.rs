@@ -18,6 +18,8 @@ use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
 use crate::config::Config;
 use crate::fault::Faults;
+use crate::impersonation::Impersonation;
+use crate::impersonation::policy::{Policy, PolicyError};
 use crate::issuance::TtlPolicy;
 use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
@@ -37,6 +39,8 @@ pub enum AppError {
     Bundle(#[from] BundleError),
     #[error("{0}")]
     Jwks(#[from] JwksError),
+    #[error("--impersonation-policy {0}")]
+    ImpersonationPolicy(#[from] PolicyError),
     #[error("{0}")]
     Tls(#[from] TlsError),
     #[error("{0}")]
@@ -131,6 +135,15 @@ impl App {
             );
         }
         let authenticators = Authenticators::new(chain);
+        let impersonation = match &config.impersonation.policy_file {
+            Some(path) => {
+                let trusted = config.impersonation.trusted_node_accounts.clone();
+                let policy = Policy::load(path, &trusted)?;
+                info!(policy = %path.display(), trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(), "impersonation allowed as the policy file lists");
+                Impersonation::with_policy(trusted, policy)
+            }
+            None => Impersonation::disabled(),
+        };
         let faults = config.faults.as_ref().map(|initial| {
             warn!(faults = ?initial, "FAULT INJECTION enabled (test harness mode): admin endpoints /faults and /issued are open on the monitoring port");
             let f = Arc::new(Faults::default());
@@ -146,6 +159,7 @@ impl App {
                 lab_mode: config
                     .insecure_trust_csr_identity
                     .then(|| config.trust_domain.clone()),
+                impersonation,
                 ttl: TtlPolicy {
                     default_ttl: config.default_ttl,
                     max_ttl: config.max_ttl,

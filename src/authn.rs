@@ -29,6 +29,25 @@ pub struct Caller {
     kind: AuthnKind,
     /// A short, non-secret description of the proof (issuer, cert serial) for logs.
     detail: String,
+    service_account: Option<ServiceAccount>,
+}
+
+/// The Kubernetes service account a token proved, which impersonation needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+    /// The pod a bound token belongs to (Kubernetes TokenReview only).
+    pub pod: Option<BoundPod>,
+    /// The cluster whose API server reviewed the token (Kubernetes only).
+    pub cluster_id: Option<String>,
+}
+
+/// Pod name and UID from a bound service-account token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundPod {
+    pub name: String,
+    pub uid: String,
 }
 
 impl Caller {
@@ -38,7 +57,36 @@ impl Caller {
             identities,
             kind,
             detail,
+            service_account: None,
         }
+    }
+
+    /// Adds what a service-account token proved.
+    pub(crate) fn with_service_account(self, service_account: ServiceAccount) -> Self {
+        Caller {
+            service_account: Some(service_account),
+            ..self
+        }
+    }
+
+    /// The caller a certificate for `target` is issued to once impersonation is
+    /// authorized: exactly that identity, no service account (so it cannot be
+    /// impersonated further), and the real caller in the detail for the audit.
+    pub(crate) fn impersonating(&self, target: &crate::identity::SpiffeId) -> Self {
+        Caller {
+            identities: vec![target.to_string()],
+            kind: self.kind,
+            detail: format!(
+                "impersonation by {} ({})",
+                self.identities.join(","),
+                self.detail
+            ),
+            service_account: None,
+        }
+    }
+
+    pub fn service_account(&self) -> Option<&ServiceAccount> {
+        self.service_account.as_ref()
     }
 
     pub fn identities(&self) -> &[String] {

@@ -11,6 +11,7 @@ use crate::ca::generate::KeyChoice;
 use crate::duration;
 use crate::fault::Fault;
 use crate::identity::TrustDomain;
+use crate::impersonation::NodeAccount;
 
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
@@ -129,6 +130,19 @@ pub struct ServeArgs {
     #[arg(long = "fault", env = "PLUGCA_FAULTS", value_delimiter = ',')]
     pub faults: Vec<String>,
 
+    /// Service accounts (namespace/name, comma-separated) that may ask for other
+    /// identities' certificates with ImpersonatedIdentity (ztunnel in shared
+    /// mode), e.g. istio-system/ztunnel. Targets are then checked by Kubernetes
+    /// node authorization and/or --impersonation-policy.
+    #[arg(long, env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
+    pub trusted_node_accounts: Vec<String>,
+
+    /// JSON file listing which trusted node accounts may impersonate which
+    /// identities, for setups without Kubernetes: [{"caller": "istio-system/ztunnel",
+    /// "may_impersonate": ["ns-a/*", "ns-b/sa-b", "*/default"]}]. Nothing else is allowed.
+    #[arg(long, env = "PLUGCA_IMPERSONATION_POLICY")]
+    pub impersonation_policy: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -148,6 +162,13 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
 }
 
+/// Who may impersonate, and what checks the targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImpersonationConfig {
+    pub trusted_node_accounts: Vec<NodeAccount>,
+    pub policy_file: Option<PathBuf>,
+}
+
 /// Validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -160,6 +181,7 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     pub server_dns_names: Vec<String>,
     pub insecure_trust_csr_identity: bool,
+    pub impersonation: ImpersonationConfig,
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
     pub self_signed_ttl: Duration,
@@ -186,6 +208,14 @@ pub enum ConfigError {
     },
     #[error("--jwt-issuer and --jwks-file must be given together")]
     JwtIncomplete,
+    #[error(
+        "--impersonation-policy needs --trusted-node-accounts (env CA_TRUSTED_NODE_ACCOUNTS): the policy only narrows what trusted callers may do"
+    )]
+    PolicyWithoutTrustedAccounts,
+    #[error(
+        "--trusted-node-accounts is set but nothing can check impersonation targets: give --impersonation-policy (labs) or Kubernetes access (--kubeconfig or in-cluster) for node authorization"
+    )]
+    NoImpersonationAuthorizer,
     #[error(
         "--self-signed-dir must not be the --cacerts-dir ({0}): its files would look like a partial plugged-in bundle"
     )]
@@ -245,6 +275,7 @@ impl ServeArgs {
                 "must be positive".into(),
             ));
         }
+        let impersonation = self.impersonation_config()?;
         let jwt = match (self.jwt_issuer, self.jwks_file) {
             (Some(issuer), Some(jwks_file)) => {
                 let audiences: Vec<String> = self
@@ -309,6 +340,7 @@ impl ServeArgs {
                 .filter(|s| !s.is_empty())
                 .collect(),
             insecure_trust_csr_identity: self.insecure_trust_csr_identity,
+            impersonation,
             max_concurrent_signs,
             sign_queue_timeout: dur(
                 "--sign-queue-timeout",
@@ -359,6 +391,37 @@ impl ServeArgs {
                 None
             },
             log_format: self.log_format,
+        })
+    }
+}
+
+impl ServeArgs {
+    /// Unlike istiod, which ignores malformed entries with a warning, a
+    /// trusted account that is not `namespace/name` is a start-up error.
+    fn impersonation_config(&self) -> Result<ImpersonationConfig, ConfigError> {
+        let trusted_node_accounts = self
+            .trusted_node_accounts
+            .iter()
+            .map(|a| a.trim())
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<NodeAccount>()
+                    .map_err(|reason| ConfigError::Invalid {
+                        flag: "--trusted-node-accounts",
+                        env: "CA_TRUSTED_NODE_ACCOUNTS",
+                        value: a.to_string(),
+                        reason: format!("{reason} (expected namespace/service-account, e.g. istio-system/ztunnel)"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        match (&self.impersonation_policy, trusted_node_accounts.is_empty()) {
+            (Some(_), true) => return Err(ConfigError::PolicyWithoutTrustedAccounts),
+            (None, false) => return Err(ConfigError::NoImpersonationAuthorizer),
+            _ => {}
+        }
+        Ok(ImpersonationConfig {
+            trusted_node_accounts,
+            policy_file: self.impersonation_policy.clone(),
         })
     }
 }
@@ -432,5 +495,47 @@ mod tests {
     fn server_dns_names_are_comma_separated() {
         let c = parse(&["--server-dns-names", "a.com,b.com"]).unwrap();
         assert_eq!(c.server_dns_names, ["a.com", "b.com"]);
+    }
+
+    #[test]
+    fn trusted_node_accounts_must_be_namespace_slash_name() {
+        let e = parse(&["--trusted-node-accounts", "istio-system/ztunnel,ztunnel"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--trusted-node-accounts (env CA_TRUSTED_NODE_ACCOUNTS): \"ztunnel\": not namespace/service-account (expected namespace/service-account, e.g. istio-system/ztunnel)"
+        );
+        let c = parse(&[
+            "--trusted-node-accounts",
+            "istio-system/ztunnel, kube-system/node-agent",
+            "--impersonation-policy",
+            "/p.json",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.impersonation
+                .trusted_node_accounts
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["istio-system/ztunnel", "kube-system/node-agent"]
+        );
+    }
+
+    #[test]
+    fn impersonation_needs_both_trusted_accounts_and_an_authorizer() {
+        assert_eq!(
+            parse(&["--impersonation-policy", "/p.json"]).unwrap_err(),
+            ConfigError::PolicyWithoutTrustedAccounts
+        );
+        assert_eq!(
+            parse(&["--trusted-node-accounts", "istio-system/ztunnel"]).unwrap_err(),
+            ConfigError::NoImpersonationAuthorizer
+        );
+        assert_eq!(
+            parse(&[]).unwrap().impersonation,
+            ImpersonationConfig::default()
+        );
     }
 }

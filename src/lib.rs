@@ -5,6 +5,7 @@
 //! - [`config`]: command-line flags and environment to a typed [`config::Config`].
 //! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing.
 //! - [`authn`]: who the caller is ([`authn::Caller`]), one module per authenticator.
+//! - [`impersonation`]: who may ask for another workload's certificate (ztunnel).
 //! - [`csr`]: untrusted CSR bytes to a [`csr::VerifiedCsr`].
 //! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
 //! - [`server`]: the gRPC service and the one error-to-status mapping.
@@ -27,6 +28,7 @@ pub mod duration;
 pub mod fault;
 pub mod fsutil;
 pub mod identity;
+pub mod impersonation;
 pub mod issuance;
 pub mod metrics;
 pub mod monitoring;

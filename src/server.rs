@@ -20,6 +20,7 @@ use crate::ca::CaBundle;
 use crate::csr::{CsrError, VerifiedCsr};
 use crate::fault::{Fault, Faults, LeafFaults};
 use crate::identity::TrustDomain;
+use crate::impersonation::{Impersonation, ImpersonationError};
 use crate::issuance::{self, IssueError, Issued, TtlPolicy};
 use crate::metrics::{
     IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels, SignErrorType,
@@ -60,6 +61,8 @@ pub struct ServiceConfig {
     pub authenticators: Authenticators,
     /// `Some(trust domain)` when `--insecure-trust-csr-identity` is on.
     pub lab_mode: Option<TrustDomain>,
+    /// Who may ask for another identity (`ImpersonatedIdentity`).
+    pub impersonation: Impersonation,
     pub ttl: TtlPolicy,
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
@@ -126,9 +129,7 @@ impl IssuedLog {
 pub enum ServiceError {
     Unauthenticated(Vec<AuthnError>),
     LabModeIdentity(TrustedCsrError),
-    ImpersonationNotConfigured {
-        requested: String,
-    },
+    Impersonation(ImpersonationError),
     CaNotReady,
     Csr(CsrError),
     Issue(IssueError),
@@ -147,9 +148,7 @@ impl ServiceError {
             ServiceError::Unauthenticated(_) | ServiceError::LabModeIdentity(_) => {
                 Status::unauthenticated(MSG_AUTHN_FAILURE)
             }
-            ServiceError::ImpersonationNotConfigured { .. } => {
-                Status::unauthenticated(MSG_IMPERSONATION_FAILURE)
-            }
+            ServiceError::Impersonation(_) => Status::unauthenticated(MSG_IMPERSONATION_FAILURE),
             ServiceError::CaNotReady => {
                 Status::internal("CSR signing error (Istio CA is not ready)")
             }
@@ -174,7 +173,7 @@ impl ServiceError {
         match self {
             ServiceError::Unauthenticated(_)
             | ServiceError::LabModeIdentity(_)
-            | ServiceError::ImpersonationNotConfigured { .. }
+            | ServiceError::Impersonation(_)
             | ServiceError::Overloaded { .. }
             | ServiceError::Injected(_) => None,
             ServiceError::CaNotReady => Some(SignErrorType::CA_NOT_READY),
@@ -201,7 +200,7 @@ impl ServiceError {
             self,
             ServiceError::Unauthenticated(_)
                 | ServiceError::LabModeIdentity(_)
-                | ServiceError::ImpersonationNotConfigured { .. }
+                | ServiceError::Impersonation(_)
         )
     }
 
@@ -217,9 +216,7 @@ impl ServiceError {
                 .collect::<Vec<_>>()
                 .join("; "),
             ServiceError::LabModeIdentity(e) => e.to_string(),
-            ServiceError::ImpersonationNotConfigured { requested } => format!(
-                "caller asked to impersonate {requested:?} but impersonation is not configured"
-            ),
+            ServiceError::Impersonation(e) => e.to_string(),
             ServiceError::CaNotReady => "no CA bundle is loaded".into(),
             ServiceError::Csr(e) => e.to_string(),
             ServiceError::Issue(e) => e.to_string(),
@@ -285,11 +282,17 @@ impl CertificateService {
         };
         audit.caller = header_caller.clone();
         let body = request.get_ref();
-        if let Some(requested) = impersonated_identity(body) {
-            return Err(ServiceError::ImpersonationNotConfigured {
-                requested: requested.to_string(),
-            });
-        }
+        let header_caller = match impersonated_identity(body) {
+            Some(requested) => Some(
+                inner
+                    .config
+                    .impersonation
+                    .authorize(header_caller.as_ref(), requested)
+                    .map_err(ServiceError::Impersonation)?,
+            ),
+            None => header_caller,
+        };
+        audit.caller = header_caller.clone();
 
         let bundle = inner.ca.current().ok_or(ServiceError::CaNotReady)?;
         audit.ca_key_id = Some(bundle.signer().key_id_hex().to_string());

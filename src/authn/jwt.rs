@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde::Deserialize;
 
-use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
+use crate::authn::{Authenticator, AuthnError, Caller, RequestContext, ServiceAccount};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::metrics::AuthnKind;
 
@@ -265,11 +265,23 @@ impl Authenticator for JwtAuthenticator {
             return Ok(None);
         };
         let id = self.verify(token)?;
-        Ok(Some(Caller::new(
-            vec![id.to_string()],
-            AuthnKind::jwt,
-            format!("JWT from issuer {}", self.issuer),
-        )))
+        let (namespace, name) = id
+            .namespace_and_service_account()
+            .expect("identity() builds /ns/<ns>/sa/<sa> IDs");
+        let service_account = ServiceAccount {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            pod: None,
+            cluster_id: None,
+        };
+        Ok(Some(
+            Caller::new(
+                vec![id.to_string()],
+                AuthnKind::jwt,
+                format!("JWT from issuer {}", self.issuer),
+            )
+            .with_service_account(service_account),
+        ))
     }
 }
 

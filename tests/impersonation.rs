@@ -1,0 +1,339 @@
+//! Impersonation (spec section 4, cases 14-21): ztunnel-shaped requests
+//! (P-256 CSR with an empty subject, `clusterid` header, `ImpersonatedIdentity`)
+//! authorized by the policy file (labs without Kubernetes) and by Kubernetes
+//! node authorization against the in-process fake API server.
+
+mod common;
+mod support;
+
+use common::*;
+use plugca::client::{CsrShape, RequestOptions};
+use support::logs;
+use tonic::Code;
+
+const ZTUNNEL_SUB: &str = "system:serviceaccount:istio-system:ztunnel";
+const ZTUNNEL_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+const TARGET_A: &str = "spiffe://cluster.local/ns/ns-a/sa/sa-a";
+const TARGET_B: &str = "spiffe://cluster.local/ns/ns-b/sa/sa-b";
+const POLICY: &str =
+    r#"[{"caller": "istio-system/ztunnel", "may_impersonate": ["ns-a/*", "*/default"]}]"#;
+
+fn impersonation_failure() -> (Code, String) {
+    (
+        Code::Unauthenticated,
+        "request impersonation authentication failure".to_string(),
+    )
+}
+
+/// A lab server: JWKS-file JWTs prove service accounts, the policy file says
+/// what istio-system/ztunnel may impersonate.
+async fn policy_server(
+    keys: &JwtKeys,
+    policy: &str,
+    extra: &[&str],
+) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = write_temp(dir.path(), "policy.json", policy);
+    let mut args = server_args(
+        std::path::Path::new(CERTS),
+        &[
+            "--trusted-node-accounts",
+            "istio-system/ztunnel",
+            "--impersonation-policy",
+        ],
+    );
+    args.push(policy_path.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(keys.server_args());
+    (start_server(&args).await, dir)
+}
+
+fn token_for(keys: &JwtKeys, sub: &str) -> String {
+    mint(
+        &keys.ec,
+        jsonwebtoken::Algorithm::ES256,
+        "ec-1",
+        &TokenSpec {
+            sub,
+            ..Default::default()
+        },
+    )
+}
+
+/// What ztunnel sends in shared mode: its own token, its cluster, and the
+/// workload identity in metadata; the CSR names the workload too.
+fn ztunnel_request(token: String, target: &str, cluster: Option<&str>) -> (String, RequestOptions) {
+    let csr_pem = csr(&p256(), Some(target), CsrShape::Ztunnel);
+    let opts = RequestOptions {
+        bearer_token: Some(token),
+        cluster_id: cluster.map(str::to_string),
+        ttl_secs: 86_400,
+        impersonate: Some(target.to_string()),
+        ..Default::default()
+    };
+    (csr_pem, opts)
+}
+
+async fn authn_failures(server: &TestServer) -> u64 {
+    metric(server, "citadel_server_authentication_failure_count")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ztunnel_gets_exactly_the_identity_the_policy_allows() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(&keys, POLICY, &[]).await;
+    let mut client = server.client().await;
+    let (csr_pem, opts) =
+        ztunnel_request(token_for(&keys, ZTUNNEL_SUB), TARGET_A, Some("Kubernetes"));
+    let chain = request(&mut client, csr_pem, &opts).await.unwrap();
+    webpki_verify(&chain);
+    let facts = leaf_facts(&chain[0]);
+    assert_eq!(
+        facts.uris,
+        [TARGET_A],
+        "one URI SAN: the impersonated identity"
+    );
+    assert!(facts.dns.is_empty());
+    assert!(facts.san_critical);
+    assert_eq!(facts.subject, "");
+    logs.assert_line(&[
+        "certificate issued",
+        &format!("identity={TARGET_A}"),
+        &format!("impersonation by {ZTUNNEL_ID}"),
+    ]);
+
+    // `*/default` in the policy; no clusterid header means the local cluster.
+    let target = "spiffe://cluster.local/ns/anything/sa/default";
+    let (csr_pem, opts) = ztunnel_request(token_for(&keys, ZTUNNEL_SUB), target, None);
+    let chain = request(&mut client, csr_pem, &opts).await.unwrap();
+    assert_eq!(leaf_facts(&chain[0]).uris, [target]);
+    assert_eq!(authn_failures(&server).await, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_outside_the_policy_is_refused_and_the_log_says_which_rule() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(&keys, POLICY, &[]).await;
+    let mut client = server.client().await;
+    let (csr_pem, opts) =
+        ztunnel_request(token_for(&keys, ZTUNNEL_SUB), TARGET_B, Some("Kubernetes"));
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    assert_eq!(authn_failures(&server).await, 1);
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        &format!(
+            "caller {ZTUNNEL_ID} may not impersonate ns-b/sa-b: policy allows ns-a/*,*/default"
+        ),
+    ]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_outside_the_trusted_node_accounts_cannot_impersonate() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(&keys, POLICY, &[]).await;
+    let mut client = server.client().await;
+    let (csr_pem, opts) = ztunnel_request(
+        token_for(&keys, "system:serviceaccount:pol-untrusted:sleep"),
+        TARGET_A,
+        Some("Kubernetes"),
+    );
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "(service account pol-untrusted/sleep) is not allowed to impersonate: not in --trusted-node-accounts (istio-system/ztunnel)",
+    ]);
+    // The same caller still gets its own identity without ImpersonatedIdentity.
+    let chain = request(
+        &mut client,
+        csr(&p256(), None, CsrShape::Ztunnel),
+        &bearer(token_for(
+            &keys,
+            "system:serviceaccount:pol-untrusted:sleep",
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        leaf_facts(&chain[0]).uris,
+        ["spiffe://cluster.local/ns/pol-untrusted/sa/sleep"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_impersonated_identities_are_refused() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(
+        &keys,
+        r#"[{"caller": "istio-system/ztunnel", "may_impersonate": ["*/*"]}]"#,
+        &[],
+    )
+    .await;
+    let mut client = server.client().await;
+    for bad in [
+        "not-spiffe-idenditity",
+        "spiffe://cluster.local/ns/ns-a/sa/sa-a/extra",
+        "spiffe://cluster.local/ns//sa/sa-a",
+    ] {
+        let mut opts = ztunnel_request(token_for(&keys, ZTUNNEL_SUB), TARGET_A, None).1;
+        opts.impersonate = Some(bad.to_string());
+        assert_eq!(
+            request(&mut client, csr(&p256(), None, CsrShape::Ztunnel), &opts)
+                .await
+                .unwrap_err(),
+            impersonation_failure(),
+            "{bad}"
+        );
+        logs.assert_line(&[
+            "CreateCertificate refused",
+            &format!("failed to validate impersonated identity {bad:?}"),
+        ]);
+    }
+    server.stop().await;
+}
+
+/// Case 20: a client-certificate caller has no service-account proof, even
+/// when its certificate names a trusted node account and it also sends a token
+/// (the certificate wins, case 12).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_caller_cannot_impersonate() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(&keys, POLICY, &[]).await;
+    let mut client = server.client().await;
+    // ztunnel's own certificate, obtained with its token.
+    let key = p256();
+    let own = request(
+        &mut client,
+        csr(&key, None, CsrShape::Ztunnel),
+        &bearer(token_for(&keys, ZTUNNEL_SUB)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(leaf_facts(&own[0]).uris, [ZTUNNEL_ID]);
+    let mut mtls = server
+        .client_with(Some((own[..own.len() - 1].concat(), key.serialize_pem())))
+        .await;
+    let (csr_pem, opts) =
+        ztunnel_request(token_for(&keys, ZTUNNEL_SUB), TARGET_A, Some("Kubernetes"));
+    assert_eq!(
+        request(&mut mtls, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        &format!("caller {ZTUNNEL_ID} (client certificate serial"),
+        "has no service-account proof",
+    ]);
+    server.stop().await;
+}
+
+/// Case 20 for lab mode: an identity taken from the CSR proves nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lab_mode_caller_cannot_impersonate() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(&keys, POLICY, &["--insecure-trust-csr-identity"]).await;
+    let mut client = server.client().await;
+    let opts = RequestOptions {
+        impersonate: Some(TARGET_A.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        request(
+            &mut client,
+            csr(&p256(), Some(ZTUNNEL_ID), CsrShape::Ztunnel),
+            &opts
+        )
+        .await
+        .unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "lab mode: identity taken from the CSR",
+    ]);
+    server.stop().await;
+}
+
+/// Case 21 with impersonation configured: a non-string value is ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_numeric_impersonated_identity_is_ignored() {
+    let keys = JwtKeys::new();
+    let (server, _dir) = policy_server(&keys, POLICY, &[]).await;
+    let mut client = server.client().await;
+    let token = token_for(&keys, ZTUNNEL_SUB);
+    let auth = format!("Bearer {token}");
+    let chain = send_raw(
+        &mut client,
+        plugca::pb::IstioCertificateRequest {
+            csr: csr(&p256(), None, CsrShape::Ztunnel),
+            validity_duration: 0,
+            metadata: metadata(vec![(
+                "ImpersonatedIdentity",
+                prost_types::value::Kind::NumberValue(7.0),
+            )]),
+        },
+        &[("authorization", &auth)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(leaf_facts(&chain[0]).uris, [ZTUNNEL_ID]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_naming_an_untrusted_caller_stops_the_server_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_temp(
+        dir.path(),
+        "policy.json",
+        r#"[{"caller": "default/sleep", "may_impersonate": ["ns-a/*"]}]"#,
+    );
+    let cli = <plugca::cli::Cli as clap::Parser>::try_parse_from([
+        "plugca",
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--monitoring-addr",
+        "127.0.0.1:0",
+        "--cacerts-dir",
+        CERTS,
+        "--trusted-node-accounts",
+        "istio-system/ztunnel",
+        "--impersonation-policy",
+        policy.to_str().unwrap(),
+    ])
+    .unwrap();
+    let plugca::cli::Command::Serve(serve) = cli.command else {
+        unreachable!()
+    };
+    let config = serve.into_config().unwrap();
+    let e = match plugca::app::App::build(&config).await {
+        Ok(_) => panic!("the server started with an invalid policy"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        e,
+        format!(
+            "--impersonation-policy {}: rule 1: caller default/sleep is not in --trusted-node-accounts (istio-system/ztunnel); add it there or remove the rule",
+            policy.display()
+        )
+    );
+}
