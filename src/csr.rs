@@ -196,4 +196,37 @@ mod tests {
             csr_for(&key, None, None).replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST");
         assert!(VerifiedCsr::parse(&format!("junk\n{csr}\n-----BEGIN BROKEN")).is_ok());
     }
+
+    /// Mutation fuzzing in miniature: thousands of corrupted CSRs (bit flips,
+    /// truncations, length-byte damage) must give `Ok` or `Err`, never a panic.
+    #[test]
+    fn corrupted_csrs_never_panic() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let good = pem::parse_first(&csr_for(&key, Some("x"), Some("spiffe://td/ns/a/sa/b")))
+            .unwrap()
+            .der;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..5000 {
+            let mut der = good.clone();
+            match round % 3 {
+                0 => {
+                    let i = next() as usize % der.len();
+                    der[i] ^= 1 << (next() % 8);
+                }
+                1 => der.truncate(next() as usize % der.len()),
+                _ => {
+                    let i = next() as usize % der.len();
+                    der[i] = next() as u8;
+                }
+            }
+            let _ = VerifiedCsr::from_der(&der);
+            let _ = VerifiedCsr::parse(&pem::encode("CERTIFICATE REQUEST", &der));
+        }
+    }
 }
