@@ -666,7 +666,12 @@ pub fn inspect(files: &BundleFiles, now: OffsetDateTime) -> Inspection {
             if let Err(e) = &end {
                 problems.push(e.clone());
             }
-            problems.extend(path_problems(&path, end.is_ok(), now));
+            for problem in path_problems(&path, end.is_ok(), now) {
+                // A weak signature that ended the path is found again here: report it once.
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
+            }
             (path, end)
         }
         _ => {
@@ -782,11 +787,21 @@ fn build_path(
             return (path, Err(error));
         }
         let Some(parent) = named.iter().find(|c| current.is_signed_by(c)) else {
-            let error = BundleError::BadSignature {
-                origin: current.origin.to_string(),
-                subject: current.name(),
-                parent_origin: named[0].origin.to_string(),
-                issuer: current.issuer.clone(),
+            // MD5 and SHA-1 signatures are not always verifiable (ecdsa-with-SHA1
+            // never is): then the weak algorithm is the problem, not another key.
+            let error = if current.signature_algorithm.is_weak() {
+                BundleError::WeakSignature {
+                    origin: current.origin.to_string(),
+                    subject: current.name(),
+                    algorithm: current.signature_algorithm.to_string(),
+                }
+            } else {
+                BundleError::BadSignature {
+                    origin: current.origin.to_string(),
+                    subject: current.name(),
+                    parent_origin: named[0].origin.to_string(),
+                    issuer: current.issuer.clone(),
+                }
             };
             return (path, Err(error));
         };
