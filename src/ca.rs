@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod cert;
+pub mod diagnose;
 pub mod generate;
 pub mod keys;
 pub mod rotation;
