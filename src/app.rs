@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::authn::client_cert::ClientCertAuthenticator;
 use crate::authn::jwt::{JwksError, JwtAuthenticator};
+use crate::authn::kube::KubeJwtAuthenticator;
 use crate::authn::{Authenticator, Authenticators};
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
@@ -21,6 +22,7 @@ use crate::fault::Faults;
 use crate::impersonation::Impersonation;
 use crate::impersonation::policy::{Policy, PolicyError};
 use crate::issuance::TtlPolicy;
+use crate::kubernetes::{Clusters, KubeSetupError};
 use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
 use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -39,6 +41,8 @@ pub enum AppError {
     Bundle(#[from] BundleError),
     #[error("{0}")]
     Jwks(#[from] JwksError),
+    #[error("{0}")]
+    Kubernetes(#[from] KubeSetupError),
     #[error("--impersonation-policy {0}")]
     ImpersonationPolicy(#[from] PolicyError),
     #[error("{0}")]
@@ -124,14 +128,28 @@ impl App {
                 config.trust_domain.clone(),
             )?));
         }
+        let clusters = match &config.kubernetes {
+            Some(k) => {
+                let clusters = Arc::new(Clusters::load(k).await?);
+                info!(source = %k.local, clusters = ?clusters.ids(), audiences = ?k.token_audiences, "Kubernetes TokenReview authentication");
+                chain.push(Box::new(KubeJwtAuthenticator::new(
+                    clusters.clone(),
+                    k.token_audiences.clone(),
+                    config.trust_domain.clone(),
+                    k.api_timeout,
+                )));
+                Some(clusters)
+            }
+            None => None,
+        };
         if config.insecure_trust_csr_identity {
             warn!(
                 trust_domain = %config.trust_domain,
                 "LAB MODE: --insecure-trust-csr-identity issues any identity a CSR names in the trust domain, without proof; never use it in a real mesh"
             );
-        } else if config.jwt.is_none() {
+        } else if config.jwt.is_none() && clusters.is_none() {
             warn!(
-                "no bootstrap authenticator configured (--jwks-file or --insecure-trust-csr-identity): only mTLS renewals can succeed"
+                "no bootstrap authenticator configured (--kubeconfig, --jwks-file or --insecure-trust-csr-identity): only mTLS renewals can succeed"
             );
         }
         let authenticators = Authenticators::new(chain);

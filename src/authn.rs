@@ -4,6 +4,8 @@
 
 pub mod client_cert;
 pub mod jwt;
+pub mod kube;
+pub mod token_cache;
 pub mod trusted_csr;
 
 use std::net::SocketAddr;
@@ -128,6 +130,20 @@ pub enum AuthnError {
     Jwt(#[from] jwt::JwtError),
     #[error("CSR identity (lab mode): {0}")]
     TrustedCsr(#[from] trusted_csr::TrustedCsrError),
+    #[error("Kubernetes JWT: {0}")]
+    Kube(#[from] kube::KubeJwtError),
+}
+
+impl AuthnError {
+    /// The authenticator could not decide (its backend did not answer): the
+    /// request fails with UNAVAILABLE, which clients retry, instead of
+    /// UNAUTHENTICATED, which they do not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AuthnError::Kube(e) => e.is_transient(),
+            AuthnError::ClientCert(_) | AuthnError::Jwt(_) | AuthnError::TrustedCsr(_) => false,
+        }
+    }
 }
 
 /// One way to authenticate a request.

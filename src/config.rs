@@ -12,6 +12,7 @@ use crate::duration;
 use crate::fault::Fault;
 use crate::identity::TrustDomain;
 use crate::impersonation::NodeAccount;
+use crate::kubernetes::{KubeSource, KubernetesConfig};
 
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
@@ -25,6 +26,9 @@ pub const DEFAULT_SELF_SIGNED_TTL: &str = "87600h";
 pub const DEFAULT_EXPIRY_WARNING: &str = "720h";
 pub const DEFAULT_RELOAD_INTERVAL: &str = "60s";
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+pub const DEFAULT_TOKEN_AUDIENCES: &str = "istio-ca";
+pub const DEFAULT_KUBE_API_TIMEOUT: &str = "5s";
 
 /// Flags of `plugca serve`. Each can also be set from the environment variable shown.
 #[derive(Debug, Clone, Args)]
@@ -130,6 +134,39 @@ pub struct ServeArgs {
     #[arg(long = "fault", env = "PLUGCA_FAULTS", value_delimiter = ',')]
     pub faults: Vec<String>,
 
+    /// Kubeconfig of the local cluster, for TokenReview authentication and node
+    /// authorization. Without it, the pod's service account is used when
+    /// running in Kubernetes (KUBERNETES_SERVICE_HOST is set).
+    #[arg(long, env = "PLUGCA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Do not use Kubernetes, even when running in a pod.
+    #[arg(long, env = "PLUGCA_NO_KUBERNETES", conflicts_with = "kubeconfig")]
+    pub no_kubernetes: bool,
+
+    /// Set by Kubernetes in every pod: selects the in-cluster configuration.
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", hide = true)]
+    pub kubernetes_service_host: Option<String>,
+
+    /// Id of the local cluster; a request whose clusterid header is missing,
+    /// empty or equal to it is checked against the local API server.
+    #[arg(long, env = "CLUSTER_ID", default_value = DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+
+    /// Directory of kubeconfig files, one per remote cluster; the file name is
+    /// the cluster id that requests name in their clusterid header.
+    #[arg(long, env = "PLUGCA_REMOTE_KUBECONFIGS")]
+    pub remote_kubeconfigs: Option<PathBuf>,
+
+    /// Audiences put in TokenReviews (comma-separated): tokens must be issued for one.
+    #[arg(long, env = "TOKEN_AUDIENCES", value_delimiter = ',', default_value = DEFAULT_TOKEN_AUDIENCES)]
+    pub token_audiences: Vec<String>,
+
+    /// Longest wait for the Kubernetes API server per TokenReview; past it the
+    /// request fails with UNAVAILABLE (clients retry).
+    #[arg(long, env = "PLUGCA_KUBE_API_TIMEOUT", default_value = DEFAULT_KUBE_API_TIMEOUT)]
+    pub kube_api_timeout: String,
+
     /// Service accounts (namespace/name, comma-separated) that may ask for other
     /// identities' certificates with ImpersonatedIdentity (ztunnel in shared
     /// mode), e.g. istio-system/ztunnel. Targets are then checked by Kubernetes
@@ -162,7 +199,8 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
 }
 
-/// Who may impersonate, and what checks the targets.
+/// Who may impersonate, and what checks the targets. With Kubernetes access,
+/// node authorization always applies; the policy file, if any, narrows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImpersonationConfig {
     pub trusted_node_accounts: Vec<NodeAccount>,
@@ -182,6 +220,8 @@ pub struct Config {
     pub server_dns_names: Vec<String>,
     pub insecure_trust_csr_identity: bool,
     pub impersonation: ImpersonationConfig,
+    /// `Some` when Kubernetes authentication (and node authorization) is on.
+    pub kubernetes: Option<KubernetesConfig>,
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
     pub self_signed_ttl: Duration,
@@ -216,6 +256,10 @@ pub enum ConfigError {
         "--trusted-node-accounts is set but nothing can check impersonation targets: give --impersonation-policy (labs) or Kubernetes access (--kubeconfig or in-cluster) for node authorization"
     )]
     NoImpersonationAuthorizer,
+    #[error(
+        "--remote-kubeconfigs needs access to the local cluster too (--kubeconfig, or running in a pod)"
+    )]
+    RemoteWithoutLocal,
     #[error(
         "--self-signed-dir must not be the --cacerts-dir ({0}): its files would look like a partial plugged-in bundle"
     )]
@@ -275,6 +319,7 @@ impl ServeArgs {
                 "must be positive".into(),
             ));
         }
+        let kubernetes = self.kubernetes_config()?;
         let impersonation = self.impersonation_config()?;
         let jwt = match (self.jwt_issuer, self.jwks_file) {
             (Some(issuer), Some(jwks_file)) => {
@@ -341,6 +386,7 @@ impl ServeArgs {
                 .collect(),
             insecure_trust_csr_identity: self.insecure_trust_csr_identity,
             impersonation,
+            kubernetes,
             max_concurrent_signs,
             sign_queue_timeout: dur(
                 "--sign-queue-timeout",
@@ -423,6 +469,73 @@ impl ServeArgs {
             trusted_node_accounts,
             policy_file: self.impersonation_policy.clone(),
         })
+    }
+
+    fn kubernetes_config(&self) -> Result<Option<KubernetesConfig>, ConfigError> {
+        let local = match (&self.kubeconfig, &self.kubernetes_service_host) {
+            _ if self.no_kubernetes => None,
+            (Some(path), _) => Some(KubeSource::Kubeconfig(path.clone())),
+            (None, Some(host)) if !host.is_empty() => Some(KubeSource::InCluster),
+            (None, _) => None,
+        };
+        let Some(local) = local else {
+            if self.remote_kubeconfigs.is_some() {
+                return Err(ConfigError::RemoteWithoutLocal);
+            }
+            return Ok(None);
+        };
+        let invalid = |flag, env, value: &str, reason: &str| ConfigError::Invalid {
+            flag,
+            env,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        if self.cluster_id.is_empty() {
+            return Err(invalid(
+                "--cluster-id",
+                "CLUSTER_ID",
+                "",
+                "the local cluster needs an id",
+            ));
+        }
+        let token_audiences: Vec<String> = self
+            .token_audiences
+            .iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if token_audiences.is_empty() {
+            return Err(invalid(
+                "--token-audiences",
+                "TOKEN_AUDIENCES",
+                "",
+                "at least one audience is needed",
+            ));
+        }
+        let api_timeout = duration::parse(&self.kube_api_timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err("must be positive".to_string())
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|reason| {
+                invalid(
+                    "--kube-api-timeout",
+                    "PLUGCA_KUBE_API_TIMEOUT",
+                    &self.kube_api_timeout,
+                    &reason,
+                )
+            })?;
+        Ok(Some(KubernetesConfig {
+            local,
+            cluster_id: self.cluster_id.clone(),
+            remote_kubeconfigs: self.remote_kubeconfigs.clone(),
+            token_audiences,
+            api_timeout,
+        }))
     }
 }
 
@@ -521,6 +634,62 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["istio-system/ztunnel", "kube-system/node-agent"]
         );
+    }
+
+    #[test]
+    fn kubernetes_comes_from_a_kubeconfig_or_the_pod_environment() {
+        let c = parse(&["--kubeconfig", "/k"]).unwrap().kubernetes.unwrap();
+        assert_eq!(c.local, KubeSource::Kubeconfig(PathBuf::from("/k")));
+        assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(c.token_audiences, ["istio-ca"]);
+        assert_eq!(c.api_timeout, Duration::from_secs(5));
+        let c = parse(&["--kubernetes-service-host", "10.0.0.1"])
+            .unwrap()
+            .kubernetes
+            .unwrap();
+        assert_eq!(c.local, KubeSource::InCluster);
+        assert!(
+            parse(&["--kubernetes-service-host", "10.0.0.1", "--no-kubernetes"])
+                .unwrap()
+                .kubernetes
+                .is_none()
+        );
+        assert!(parse(&[]).unwrap().kubernetes.is_none());
+        let c = parse(&[
+            "--kubeconfig",
+            "/k",
+            "--cluster-id",
+            "east",
+            "--token-audiences",
+            "istio-ca,other",
+            "--kube-api-timeout",
+            "1s",
+        ])
+        .unwrap()
+        .kubernetes
+        .unwrap();
+        assert_eq!(c.cluster_id, "east");
+        assert_eq!(c.token_audiences, ["istio-ca", "other"]);
+        assert_eq!(c.api_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_kubernetes_settings_are_refused() {
+        assert_eq!(
+            parse(&["--remote-kubeconfigs", "/d"]).unwrap_err(),
+            ConfigError::RemoteWithoutLocal
+        );
+        let e = parse(&["--kubeconfig", "/k", "--kube-api-timeout", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--kube-api-timeout (env PLUGCA_KUBE_API_TIMEOUT)"),
+            "{e}"
+        );
+        let e = parse(&["--kubeconfig", "/k", "--token-audiences", ","])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TOKEN_AUDIENCES"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing.
 //! - [`authn`]: who the caller is ([`authn::Caller`]), one module per authenticator.
 //! - [`impersonation`]: who may ask for another workload's certificate (ztunnel).
+//! - [`kubernetes`]: API clients per cluster (TokenReview, pod watch).
 //! - [`csr`]: untrusted CSR bytes to a [`csr::VerifiedCsr`].
 //! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
 //! - [`server`]: the gRPC service and the one error-to-status mapping.
@@ -30,6 +31,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod impersonation;
 pub mod issuance;
+pub mod kubernetes;
 pub mod metrics;
 pub mod monitoring;
 pub mod pem;

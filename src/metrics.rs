@@ -66,6 +66,8 @@ pub enum Outcome {
     invalid_argument,
     internal,
     overloaded,
+    /// An authentication backend (API server, JWKS endpoint) did not answer.
+    unavailable,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +81,7 @@ pub struct OutcomeLabels {
 pub enum AuthnKind {
     client_cert,
     jwt,
+    kube_jwt,
     trusted_csr,
 }
 

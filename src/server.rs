@@ -30,6 +30,9 @@ use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
 
 /// istiod's opaque authentication failure message.
 pub const MSG_AUTHN_FAILURE: &str = "request authenticate failure";
+/// When an authenticator's backend (API server, JWKS endpoint) did not
+/// answer; UNAVAILABLE makes istio-agent and ztunnel retry.
+pub const MSG_AUTHN_UNAVAILABLE: &str = "request authentication is temporarily unavailable";
 /// istiod's opaque impersonation failure message.
 pub const MSG_IMPERSONATION_FAILURE: &str = "request impersonation authentication failure";
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -128,6 +131,8 @@ impl IssuedLog {
 #[derive(Debug)]
 pub enum ServiceError {
     Unauthenticated(Vec<AuthnError>),
+    /// An authenticator's backend (API server, JWKS endpoint) did not answer.
+    AuthnUnavailable(Vec<AuthnError>),
     LabModeIdentity(TrustedCsrError),
     Impersonation(ImpersonationError),
     CaNotReady,
@@ -148,6 +153,7 @@ impl ServiceError {
             ServiceError::Unauthenticated(_) | ServiceError::LabModeIdentity(_) => {
                 Status::unauthenticated(MSG_AUTHN_FAILURE)
             }
+            ServiceError::AuthnUnavailable(_) => Status::unavailable(MSG_AUTHN_UNAVAILABLE),
             ServiceError::Impersonation(_) => Status::unauthenticated(MSG_IMPERSONATION_FAILURE),
             ServiceError::CaNotReady => {
                 Status::internal("CSR signing error (Istio CA is not ready)")
@@ -172,6 +178,7 @@ impl ServiceError {
     fn sign_error_type(&self) -> Option<SignErrorType> {
         match self {
             ServiceError::Unauthenticated(_)
+            | ServiceError::AuthnUnavailable(_)
             | ServiceError::LabModeIdentity(_)
             | ServiceError::Impersonation(_)
             | ServiceError::Overloaded { .. }
@@ -191,6 +198,7 @@ impl ServiceError {
             tonic::Code::Unauthenticated => Outcome::unauthenticated,
             tonic::Code::InvalidArgument => Outcome::invalid_argument,
             tonic::Code::ResourceExhausted => Outcome::overloaded,
+            tonic::Code::Unavailable => Outcome::unavailable,
             _ => Outcome::internal,
         }
     }
@@ -199,6 +207,7 @@ impl ServiceError {
         matches!(
             self,
             ServiceError::Unauthenticated(_)
+                | ServiceError::AuthnUnavailable(_)
                 | ServiceError::LabModeIdentity(_)
                 | ServiceError::Impersonation(_)
         )
@@ -210,11 +219,13 @@ impl ServiceError {
             ServiceError::Unauthenticated(failures) if failures.is_empty() => {
                 "no credentials: no client certificate, no bearer token, and lab mode is off".into()
             }
-            ServiceError::Unauthenticated(failures) => failures
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
+            ServiceError::Unauthenticated(failures) | ServiceError::AuthnUnavailable(failures) => {
+                failures
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
             ServiceError::LabModeIdentity(e) => e.to_string(),
             ServiceError::Impersonation(e) => e.to_string(),
             ServiceError::CaNotReady => "no CA bundle is loaded".into(),
@@ -270,6 +281,9 @@ impl CertificateService {
         };
         let header_caller = match inner.config.authenticators.authenticate(&ctx).await {
             AuthnOutcome::Authenticated(caller) => Some(caller),
+            AuthnOutcome::Refused(failures) if failures.iter().any(AuthnError::is_transient) => {
+                return Err(ServiceError::AuthnUnavailable(failures));
+            }
             AuthnOutcome::Refused(failures) if inner.config.lab_mode.is_none() => {
                 return Err(ServiceError::Unauthenticated(failures));
             }

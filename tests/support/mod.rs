@@ -3,6 +3,8 @@
 //! fake Kubernetes API server over real TLS.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
