@@ -20,6 +20,7 @@ use crate::ca::{BundleError, Layout};
 use crate::config::Config;
 use crate::fault::Faults;
 use crate::impersonation::Impersonation;
+use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
 use crate::impersonation::policy::{Policy, PolicyError};
 use crate::issuance::TtlPolicy;
 use crate::kubernetes::{Clusters, KubeSetupError};
@@ -153,14 +154,30 @@ impl App {
             );
         }
         let authenticators = Authenticators::new(chain);
-        let impersonation = match &config.impersonation.policy_file {
-            Some(path) => {
-                let trusted = config.impersonation.trusted_node_accounts.clone();
-                let policy = Policy::load(path, &trusted)?;
-                info!(policy = %path.display(), trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(), "impersonation allowed as the policy file lists");
-                Impersonation::with_policy(trusted, policy)
+        let trusted = config.impersonation.trusted_node_accounts.clone();
+        let impersonation = if trusted.is_empty() {
+            Impersonation::disabled()
+        } else {
+            let policy = config
+                .impersonation
+                .policy_file
+                .as_deref()
+                .map(|p| Policy::load(p, &trusted))
+                .transpose()?;
+            let node = clusters.as_deref().map(NodeAuthorizer::start);
+            if let Some(node) = &node {
+                let pending = node.wait_synced(INITIAL_POD_SYNC_WAIT).await;
+                if !pending.is_empty() {
+                    warn!(clusters = ?pending, waited = ?INITIAL_POD_SYNC_WAIT, "pod caches not synced yet: impersonation requests get UNAVAILABLE until they are");
+                }
             }
-            None => Impersonation::disabled(),
+            info!(
+                trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                policy = ?config.impersonation.policy_file,
+                node_authorization = node.is_some(),
+                "impersonation enabled"
+            );
+            Impersonation::new(trusted, policy, node)
         };
         let faults = config.faults.as_ref().map(|initial| {
             warn!(faults = ?initial, "FAULT INJECTION enabled (test harness mode): admin endpoints /faults and /issued are open on the monitoring port");

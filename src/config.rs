@@ -320,7 +320,7 @@ impl ServeArgs {
             ));
         }
         let kubernetes = self.kubernetes_config()?;
-        let impersonation = self.impersonation_config()?;
+        let impersonation = self.impersonation_config(kubernetes.is_some())?;
         let jwt = match (self.jwt_issuer, self.jwks_file) {
             (Some(issuer), Some(jwks_file)) => {
                 let audiences: Vec<String> = self
@@ -444,7 +444,7 @@ impl ServeArgs {
 impl ServeArgs {
     /// Unlike istiod, which ignores malformed entries with a warning, a
     /// trusted account that is not `namespace/name` is a start-up error.
-    fn impersonation_config(&self) -> Result<ImpersonationConfig, ConfigError> {
+    fn impersonation_config(&self, kubernetes: bool) -> Result<ImpersonationConfig, ConfigError> {
         let trusted_node_accounts = self
             .trusted_node_accounts
             .iter()
@@ -462,7 +462,7 @@ impl ServeArgs {
             .collect::<Result<Vec<_>, _>>()?;
         match (&self.impersonation_policy, trusted_node_accounts.is_empty()) {
             (Some(_), true) => return Err(ConfigError::PolicyWithoutTrustedAccounts),
-            (None, false) => return Err(ConfigError::NoImpersonationAuthorizer),
+            (None, false) if !kubernetes => return Err(ConfigError::NoImpersonationAuthorizer),
             _ => {}
         }
         Ok(ImpersonationConfig {
@@ -690,6 +690,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("TOKEN_AUDIENCES"), "{e}");
+        // With Kubernetes, node authorization checks impersonation targets.
+        assert!(
+            parse(&[
+                "--kubeconfig",
+                "/k",
+                "--trusted-node-accounts",
+                "istio-system/ztunnel"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

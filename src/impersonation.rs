@@ -9,6 +9,7 @@
 //! agree. Every refusal is one [`ImpersonationError`] variant that names the
 //! exact reason for the log; on the wire it stays istiod's opaque message.
 
+pub mod node;
 pub mod policy;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use std::str::FromStr;
 
 use crate::authn::Caller;
 use crate::identity::{SpiffeId, TrustDomain};
+use crate::impersonation::node::{NodeAuthError, NodeAuthorizer};
 use crate::impersonation::policy::{Pattern, Policy};
 
 /// A `namespace/service-account` allowed to impersonate (`--trusted-node-accounts`).
@@ -89,6 +91,19 @@ pub enum ImpersonationError {
         target: String,
         allowed: String,
     },
+    #[error("caller {caller} may not impersonate {target}: {reason}")]
+    Node {
+        caller: String,
+        target: String,
+        reason: Box<NodeAuthError>,
+    },
+}
+
+impl ImpersonationError {
+    /// The authorizer cannot decide yet (pod cache not synced): UNAVAILABLE.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ImpersonationError::Node { reason, .. } if reason.is_transient())
+    }
 }
 
 /// The impersonation rules of a server.
@@ -96,6 +111,7 @@ pub enum ImpersonationError {
 pub struct Impersonation {
     trusted: Vec<NodeAccount>,
     policy: Option<Policy>,
+    node: Option<NodeAuthorizer>,
 }
 
 impl Impersonation {
@@ -106,10 +122,26 @@ impl Impersonation {
 
     /// Trusted callers whose targets `policy` restricts.
     pub fn with_policy(trusted: Vec<NodeAccount>, policy: Policy) -> Self {
+        Impersonation::new(trusted, Some(policy), None)
+    }
+
+    /// Trusted callers whose targets the policy and/or node authorization
+    /// check; with both, both must allow.
+    pub fn new(
+        trusted: Vec<NodeAccount>,
+        policy: Option<Policy>,
+        node: Option<NodeAuthorizer>,
+    ) -> Self {
         Impersonation {
             trusted,
-            policy: Some(policy),
+            policy,
+            node,
         }
+    }
+
+    /// The node authorizer, when Kubernetes node authorization is on.
+    pub fn node_authorizer(&self) -> Option<&NodeAuthorizer> {
+        self.node.as_ref()
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -171,6 +203,14 @@ impl Impersonation {
                     join::<Pattern>(allowed)
                 },
             });
+        }
+        if let Some(node) = &self.node {
+            node.authorize(sa, ns, target_sa)
+                .map_err(|reason| ImpersonationError::Node {
+                    caller: who.clone(),
+                    target: format!("{ns}/{target_sa}"),
+                    reason: Box::new(reason),
+                })?;
         }
         Ok(caller.impersonating(&target))
     }

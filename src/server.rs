@@ -154,6 +154,9 @@ impl ServiceError {
                 Status::unauthenticated(MSG_AUTHN_FAILURE)
             }
             ServiceError::AuthnUnavailable(_) => Status::unavailable(MSG_AUTHN_UNAVAILABLE),
+            ServiceError::Impersonation(e) if e.is_transient() => {
+                Status::unavailable(MSG_AUTHN_UNAVAILABLE)
+            }
             ServiceError::Impersonation(_) => Status::unauthenticated(MSG_IMPERSONATION_FAILURE),
             ServiceError::CaNotReady => {
                 Status::internal("CSR signing error (Istio CA is not ready)")

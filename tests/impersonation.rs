@@ -8,6 +8,7 @@ mod support;
 
 use common::*;
 use plugca::client::{CsrShape, RequestOptions};
+use support::apiserver::{FakeApiServer, FakePod};
 use support::logs;
 use tonic::Code;
 
@@ -336,4 +337,296 @@ async fn a_policy_naming_an_untrusted_caller_stops_the_server_at_start() {
             policy.display()
         )
     );
+}
+
+// ------------------------------------------------------------ Kubernetes node authorization
+
+const ZT_NODE: &str = "zt-node";
+
+/// A server whose local cluster `fake` is `local` (and `fake-remote` is
+/// `remote`), trusting istio-system/ztunnel, with node authorization.
+async fn node_server(
+    local: &FakeApiServer,
+    remote: Option<&FakeApiServer>,
+    extra: &[&str],
+) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = local.write_kubeconfig(&dir.path().join("kubeconfig"));
+    let mut args = server_args(
+        std::path::Path::new(CERTS),
+        &[
+            "--cluster-id",
+            "fake",
+            "--trusted-node-accounts",
+            "istio-system/ztunnel",
+            "--kubeconfig",
+        ],
+    );
+    args.push(kubeconfig.display().to_string());
+    if let Some(remote) = remote {
+        let remotes = dir.path().join("remotes");
+        std::fs::create_dir(&remotes).unwrap();
+        remote.write_kubeconfig(&remotes.join("fake-remote"));
+        args.push("--remote-kubeconfigs".into());
+        args.push(remotes.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    (start_server(&args).await, dir)
+}
+
+/// A cluster with ztunnel-a on zt-node; returns ztunnel's pod.
+fn with_ztunnel(fake: &FakeApiServer) -> FakePod {
+    let zt = FakePod::running("istio-system", "ztunnel-a", "ztunnel", ZT_NODE);
+    fake.put_pod(zt.clone());
+    zt
+}
+
+/// Cases 15 and 16 end to end: the pod of the target must run on ztunnel's node.
+#[tokio::test(flavor = "multi_thread")]
+async fn ztunnel_may_impersonate_only_workloads_on_its_node() {
+    let logs = logs();
+    let fake = FakeApiServer::start().await;
+    let zt = with_ztunnel(&fake);
+    fake.put_pod(FakePod::running("ns-a", "sa-a-pod", "sa-a", "other-node"));
+    let (server, _dir) = node_server(&fake, None, &[]).await;
+    let mut client = server.client().await;
+    let token = fake.sa_token("istio-system", "ztunnel", Some(&zt));
+
+    // Case 15: the only pod of ns-a/sa-a runs on another node.
+    let (csr_pem, opts) = ztunnel_request(token.clone(), TARGET_A, Some("fake"));
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        &format!(
+            "caller {ZTUNNEL_ID} may not impersonate ns-a/sa-a: no instances of \"ns-a/sa-a\" found on node \"zt-node\" in cluster \"fake\""
+        ),
+    ]);
+
+    // Case 16: one appears on zt-node; the watch brings it in without a re-list.
+    fake.put_pod(FakePod::running("ns-a", "sa-a-pod-2", "sa-a", ZT_NODE));
+    let chain = eventually_issued(&mut client, &token, TARGET_A, Some("fake")).await;
+    webpki_verify(&chain);
+    let facts = leaf_facts(&chain[0]);
+    assert_eq!(facts.uris, [TARGET_A], "exactly the impersonated identity");
+    assert!(facts.dns.is_empty());
+    assert_eq!(facts.subject, "");
+
+    // Unlike istiod (case 18), no clusterid header means the local cluster.
+    let (csr_pem, opts) = ztunnel_request(token.clone(), TARGET_A, None);
+    let chain = request(&mut client, csr_pem, &opts).await.unwrap();
+    assert_eq!(leaf_facts(&chain[0]).uris, [TARGET_A]);
+
+    // The pod leaves: refused again.
+    fake.delete_pod("ns-a", "sa-a-pod-2");
+    eventually_refused(&mut client, &token, TARGET_A).await;
+
+    // The cache is watch-backed: one list at start, not one per request; the
+    // ztunnel token was reviewed once and then cached.
+    assert_eq!(fake.pod_lists(), 1);
+    assert_eq!(fake.reviews(), 1);
+    server.stop().await;
+}
+
+/// Retries while the watch event travels (bounded), then returns the chain.
+async fn eventually_issued(
+    client: &mut plugca::pb::istio_certificate_service_client::IstioCertificateServiceClient<
+        tonic::transport::Channel,
+    >,
+    token: &str,
+    target: &str,
+    cluster: Option<&str>,
+) -> Vec<String> {
+    for _ in 0..100 {
+        let (csr_pem, opts) = ztunnel_request(token.to_string(), target, cluster);
+        match request(client, csr_pem, &opts).await {
+            Ok(chain) => return chain,
+            Err(e) => assert_eq!(e, impersonation_failure()),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{target} was never issued");
+}
+
+async fn eventually_refused(
+    client: &mut plugca::pb::istio_certificate_service_client::IstioCertificateServiceClient<
+        tonic::transport::Channel,
+    >,
+    token: &str,
+    target: &str,
+) {
+    for _ in 0..100 {
+        let (csr_pem, opts) = ztunnel_request(token.to_string(), target, None);
+        if request(client, csr_pem, &opts).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{target} was never refused");
+}
+
+/// Case 19 end to end: the token's pod must exist with the same UID and
+/// service account; a token not bound to a pod proves no node.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_caller_pod_must_match_its_bound_token() {
+    let logs = logs();
+    let fake = FakeApiServer::start().await;
+    let zt = with_ztunnel(&fake);
+    fake.put_pod(FakePod::running("ns-a", "sa-a-pod", "sa-a", ZT_NODE));
+    fake.put_pod(FakePod::running(
+        "istio-system",
+        "ztunnel-b",
+        "default",
+        ZT_NODE,
+    ));
+    let (server, _dir) = node_server(&fake, None, &[]).await;
+    let mut client = server.client().await;
+    let cases = [
+        (
+            FakePod {
+                uid: "a-stale-uid".into(),
+                ..zt.clone()
+            },
+            "pod istio-system/ztunnel-a found in cluster \"fake\", but UID does not match (token \"a-stale-uid\", pod \"uid-istio-system-ztunnel-a\")",
+        ),
+        (
+            FakePod {
+                name: "ztunnel-gone".into(),
+                ..zt.clone()
+            },
+            "pod istio-system/ztunnel-gone not found in cluster \"fake\"",
+        ),
+    ];
+    for (bound_to, reason) in cases {
+        let token = fake.sa_token("istio-system", "ztunnel", Some(&bound_to));
+        let (csr_pem, opts) = ztunnel_request(token, TARGET_A, Some("fake"));
+        assert_eq!(
+            request(&mut client, csr_pem, &opts).await.unwrap_err(),
+            impersonation_failure()
+        );
+        logs.assert_line(&["CreateCertificate refused", reason]);
+    }
+    // A pod named like ztunnel's but running another service account.
+    let impostor = FakePod::running("istio-system", "ztunnel-b", "default", ZT_NODE);
+    let token = fake.sa_token("istio-system", "ztunnel", Some(&impostor));
+    let (csr_pem, opts) = ztunnel_request(token, TARGET_A, Some("fake"));
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "pod istio-system/ztunnel-b found in cluster \"fake\", but ServiceAccount does not match",
+    ]);
+    // A legacy (unbound) token.
+    let token = fake.sa_token("istio-system", "ztunnel", None);
+    let (csr_pem, opts) = ztunnel_request(token, TARGET_A, Some("fake"));
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&["caller istio-system/ztunnel has no Kubernetes pod proof"]);
+    // The real ztunnel token still works.
+    let token = fake.sa_token("istio-system", "ztunnel", Some(&zt));
+    let (csr_pem, opts) = ztunnel_request(token, TARGET_A, Some("fake"));
+    request(&mut client, csr_pem, &opts).await.unwrap();
+    assert_eq!(authn_failures(&server).await, 4);
+    server.stop().await;
+}
+
+/// Case 17: node authorization happens in the caller's own cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn impersonation_is_checked_in_the_callers_cluster() {
+    let logs = logs();
+    let local = FakeApiServer::start().await;
+    let remote = FakeApiServer::start().await;
+    let zt_local = with_ztunnel(&local);
+    let zt_remote = with_ztunnel(&remote);
+    remote.put_pod(FakePod::running("ns-a", "sa-a-remote", "sa-a", ZT_NODE));
+    let (server, _dir) = node_server(&local, Some(&remote), &[]).await;
+    let mut client = server.client().await;
+
+    let token = local.sa_token("istio-system", "ztunnel", Some(&zt_local));
+    let (csr_pem, opts) = ztunnel_request(token, TARGET_A, Some("fake"));
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "no instances of \"ns-a/sa-a\" found on node \"zt-node\" in cluster \"fake\"",
+    ]);
+
+    let token = remote.sa_token("istio-system", "ztunnel", Some(&zt_remote));
+    let (csr_pem, opts) = ztunnel_request(token, TARGET_A, Some("fake-remote"));
+    let chain = request(&mut client, csr_pem, &opts).await.unwrap();
+    assert_eq!(leaf_facts(&chain[0]).uris, [TARGET_A]);
+    assert_eq!((local.pod_lists(), remote.pod_lists()), (1, 1));
+    server.stop().await;
+}
+
+/// With Kubernetes and a policy file, both must allow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_file_narrows_node_authorization() {
+    let logs = logs();
+    let fake = FakeApiServer::start().await;
+    let zt = with_ztunnel(&fake);
+    fake.put_pod(FakePod::running("ns-a", "a", "sa-a", ZT_NODE));
+    fake.put_pod(FakePod::running("ns-b", "b", "sa-b", ZT_NODE));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_temp(dir.path(), "policy.json", POLICY);
+    let (server, _dir) = node_server(
+        &fake,
+        None,
+        &["--impersonation-policy", policy.to_str().unwrap()],
+    )
+    .await;
+    let mut client = server.client().await;
+    let token = fake.sa_token("istio-system", "ztunnel", Some(&zt));
+    let (csr_pem, opts) = ztunnel_request(token.clone(), TARGET_A, Some("fake"));
+    request(&mut client, csr_pem, &opts).await.unwrap();
+    let (csr_pem, opts) = ztunnel_request(token, TARGET_B, Some("fake"));
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "may not impersonate ns-b/sa-b: policy allows ns-a/*,*/default",
+    ]);
+    server.stop().await;
+}
+
+/// Case 14 with Kubernetes on: without trusted node accounts nobody may impersonate.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_trusted_node_accounts_kubernetes_callers_cannot_impersonate() {
+    let logs = logs();
+    let fake = FakeApiServer::start().await;
+    let zt = with_ztunnel(&fake);
+    fake.put_pod(FakePod::running("ns-a", "a", "sa-a", ZT_NODE));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig"));
+    let server = TestServer::start(&[
+        "--cacerts-dir",
+        CERTS,
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ])
+    .await;
+    let mut client = server.client().await;
+    let token = fake.sa_token("istio-system", "ztunnel", Some(&zt));
+    let (csr_pem, opts) = ztunnel_request(token, "spiffe://cluster.local/ns/ns-a/sa/c14", None);
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        impersonation_failure()
+    );
+    logs.assert_line(&[
+        "caller asked to impersonate \"spiffe://cluster.local/ns/ns-a/sa/c14\" but impersonation is not configured",
+    ]);
+    assert_eq!(
+        fake.pod_lists(),
+        0,
+        "no pod watch without node authorization"
+    );
+    server.stop().await;
 }
