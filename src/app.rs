@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::authn::client_cert::ClientCertAuthenticator;
 use crate::authn::jwt::{JwksError, JwtAuthenticator};
 use crate::authn::kube::KubeJwtAuthenticator;
+use crate::authn::xfcc::XfccAuthenticator;
 use crate::authn::{Authenticator, Authenticators};
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
@@ -143,12 +144,19 @@ impl App {
             }
             None => None,
         };
+        if let Some(cidrs) = &config.trusted_gateway_cidrs {
+            info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
+            chain.push(Box::new(XfccAuthenticator::new(cidrs.clone())));
+        }
         if config.insecure_trust_csr_identity {
             warn!(
                 trust_domain = %config.trust_domain,
                 "LAB MODE: --insecure-trust-csr-identity issues any identity a CSR names in the trust domain, without proof; never use it in a real mesh"
             );
-        } else if config.jwt.is_none() && clusters.is_none() {
+        } else if config.jwt.is_none()
+            && clusters.is_none()
+            && config.trusted_gateway_cidrs.is_none()
+        {
             warn!(
                 "no bootstrap authenticator configured (--kubeconfig, --jwks-file or --insecure-trust-csr-identity): only mTLS renewals can succeed"
             );

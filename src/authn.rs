@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod kube;
 pub mod token_cache;
 pub mod trusted_csr;
+pub mod xfcc;
 
 use std::net::SocketAddr;
 
@@ -132,6 +133,8 @@ pub enum AuthnError {
     TrustedCsr(#[from] trusted_csr::TrustedCsrError),
     #[error("Kubernetes JWT: {0}")]
     Kube(#[from] kube::KubeJwtError),
+    #[error("XFCC: {0}")]
+    Xfcc(#[from] xfcc::XfccError),
 }
 
 impl AuthnError {
@@ -141,7 +144,10 @@ impl AuthnError {
     pub fn is_transient(&self) -> bool {
         match self {
             AuthnError::Kube(e) => e.is_transient(),
-            AuthnError::ClientCert(_) | AuthnError::Jwt(_) | AuthnError::TrustedCsr(_) => false,
+            AuthnError::ClientCert(_)
+            | AuthnError::Jwt(_)
+            | AuthnError::TrustedCsr(_)
+            | AuthnError::Xfcc(_) => false,
         }
     }
 }

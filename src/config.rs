@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::authn::xfcc::Cidr;
 use crate::ca::generate::KeyChoice;
 use crate::duration;
 use crate::fault::Fault;
@@ -167,6 +168,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PLUGCA_KUBE_API_TIMEOUT", default_value = DEFAULT_KUBE_API_TIMEOUT)]
     pub kube_api_timeout: String,
 
+    /// CIDRs of gateways (comma-separated) whose x-forwarded-client-cert header
+    /// is trusted for the caller's identities; loopback peers are always
+    /// trusted once this is set. Empty: XFCC is ignored.
+    #[arg(long, env = "TRUSTED_GATEWAY_CIDR", value_delimiter = ',')]
+    pub trusted_gateway_cidrs: Vec<String>,
+
     /// Service accounts (namespace/name, comma-separated) that may ask for other
     /// identities' certificates with ImpersonatedIdentity (ztunnel in shared
     /// mode), e.g. istio-system/ztunnel. Targets are then checked by Kubernetes
@@ -222,6 +229,8 @@ pub struct Config {
     pub impersonation: ImpersonationConfig,
     /// `Some` when Kubernetes authentication (and node authorization) is on.
     pub kubernetes: Option<KubernetesConfig>,
+    /// `Some` (non-empty) when the XFCC authenticator is on.
+    pub trusted_gateway_cidrs: Option<Vec<Cidr>>,
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
     pub self_signed_ttl: Duration,
@@ -320,6 +329,17 @@ impl ServeArgs {
             ));
         }
         let kubernetes = self.kubernetes_config()?;
+        let trusted_gateway_cidrs = self
+            .trusted_gateway_cidrs
+            .iter()
+            .map(|c| c.trim())
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                c.parse::<Cidr>().map_err(|reason| {
+                    invalid("--trusted-gateway-cidrs", "TRUSTED_GATEWAY_CIDR", c, reason)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let impersonation = self.impersonation_config(kubernetes.is_some())?;
         let jwt = match (self.jwt_issuer, self.jwks_file) {
             (Some(issuer), Some(jwks_file)) => {
@@ -387,6 +407,8 @@ impl ServeArgs {
             insecure_trust_csr_identity: self.insecure_trust_csr_identity,
             impersonation,
             kubernetes,
+            trusted_gateway_cidrs: (!trusted_gateway_cidrs.is_empty())
+                .then_some(trusted_gateway_cidrs),
             max_concurrent_signs,
             sign_queue_timeout: dur(
                 "--sign-queue-timeout",
@@ -671,6 +693,27 @@ mod tests {
         assert_eq!(c.cluster_id, "east");
         assert_eq!(c.token_audiences, ["istio-ca", "other"]);
         assert_eq!(c.api_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn trusted_gateway_cidrs_enable_xfcc() {
+        assert!(parse(&[]).unwrap().trusted_gateway_cidrs.is_none());
+        let c = parse(&["--trusted-gateway-cidrs", "172.17.0.0/16, 2001:db8::/56"]).unwrap();
+        assert_eq!(
+            c.trusted_gateway_cidrs
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["172.17.0.0/16", "2001:db8::/56"]
+        );
+        let e = parse(&["--trusted-gateway-cidrs", "172.17.0.1"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--trusted-gateway-cidrs (env TRUSTED_GATEWAY_CIDR): \"172.17.0.1\": not a CIDR like 172.17.0.0/16 (no /prefix)"
+        );
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub enum AuthnKind {
     client_cert,
     jwt,
     kube_jwt,
+    xfcc,
     trusted_csr,
 }
 

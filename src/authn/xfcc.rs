@@ -1,0 +1,483 @@
+//! Identities forwarded by a trusted gateway in `x-forwarded-client-cert`
+//! (Envoy's XFCC), as istiod's `XfccAuthenticator`: only when
+//! `--trusted-gateway-cidrs` is set, only from a peer inside one of those
+//! CIDRs or on loopback, from the first header value. Identities, per element
+//! (hop) in order: every `URI=`, every `DNS=`, then the Subject's CN.
+//!
+//! Stricter than istiod: the header is bounded, malformed quoting or pairs are
+//! refused, and every identity must be a SPIFFE ID, an IP address or a DNS
+//! name (it becomes a SAN of the issued certificate).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
+use crate::identity::SpiffeId;
+use crate::metrics::AuthnKind;
+
+pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
+/// Longest XFCC header value parsed.
+pub const MAX_XFCC_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XfccError {
+    #[error("peer {peer} is not a trusted gateway (not loopback, not in --trusted-gateway-cidrs)")]
+    UntrustedPeer { peer: String },
+    #[error("the XFCC header is not ASCII")]
+    NotAscii,
+    #[error("the XFCC header is longer than {MAX_XFCC_BYTES} bytes")]
+    TooLong,
+    #[error("malformed XFCC header: {0}")]
+    Malformed(String),
+    #[error("the XFCC header names no identity (no URI, DNS or Subject CN)")]
+    NoIdentities,
+    #[error("XFCC identity {0:?} is not a SPIFFE ID, IP address or DNS name")]
+    BadIdentity(String),
+}
+
+/// An IPv4 or IPv6 network, `address/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| "not a CIDR like 172.17.0.0/16 (no /prefix)".to_string())?;
+        let network: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("prefix {prefix:?} is not a number from 0 to {max}"))?;
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, canonical(ip)) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                prefix_eq(&n.octets(), &a.octets(), self.prefix.into())
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                prefix_eq(&n.octets(), &a.octets(), self.prefix.into())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, a dual-stack listener's
+/// view of an IPv4 peer) as the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: usize) -> bool {
+    let (whole, rest) = (bits / 8, bits % 8);
+    if a[..whole] != b[..whole] {
+        return false;
+    }
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        a[whole] & mask == b[whole] & mask
+    }
+}
+
+/// Whether a request from `peer` may carry forwarded identities.
+pub fn is_trusted_gateway(peer: Option<SocketAddr>, cidrs: &[Cidr]) -> bool {
+    let Some(peer) = peer else { return false };
+    let ip = canonical(peer.ip());
+    ip.is_loopback() || cidrs.iter().any(|c| c.contains(ip))
+}
+
+/// One element (hop) of an XFCC header.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ForwardedCert {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub subject: Option<String>,
+}
+
+/// Parses an XFCC header value: elements separated by `,`, key=value pairs by
+/// `;`, values optionally in double quotes with `\` escapes.
+pub fn parse(header: &str) -> Result<Vec<ForwardedCert>, XfccError> {
+    if header.len() > MAX_XFCC_BYTES {
+        return Err(XfccError::TooLong);
+    }
+    let malformed = |m: &str| XfccError::Malformed(m.to_string());
+    let mut certs = Vec::new();
+    for element in split_unquoted(header, ',').map_err(|e| malformed(&e))? {
+        if element.trim().is_empty() {
+            return Err(malformed("empty element"));
+        }
+        let mut cert = ForwardedCert::default();
+        for pair in split_unquoted(&element, ';').map_err(|e| malformed(&e))? {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| malformed("a field is not key=value"))?;
+            let value = unquote(value.trim()).map_err(|e| malformed(&e))?;
+            match key.trim().to_ascii_lowercase().as_str() {
+                "uri" => cert.uris.push(value),
+                "dns" => cert.dns.push(value),
+                "subject" => cert.subject = Some(value),
+                "by" | "hash" | "cert" | "chain" => {}
+                _ => {
+                    return Err(malformed(
+                        "unknown field (want By, Hash, Cert, Chain, Subject, URI, DNS)",
+                    ));
+                }
+            }
+        }
+        certs.push(cert);
+    }
+    Ok(certs)
+}
+
+/// istiod's identity order: per element, URIs, then DNS names, then the CN.
+pub fn identities(certs: &[ForwardedCert]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for c in certs {
+        ids.extend(c.uris.iter().filter(|u| !u.is_empty()).cloned());
+        ids.extend(c.dns.iter().filter(|d| !d.is_empty()).cloned());
+        if let Some(cn) = c.subject.as_deref().and_then(common_name) {
+            ids.push(cn);
+        }
+    }
+    ids
+}
+
+/// The CN of an RFC 4514-style subject (`CN=x,OU=y`), if any.
+fn common_name(subject: &str) -> Option<String> {
+    let mut rdn = String::new();
+    let mut parts = Vec::new();
+    let mut escaped = false;
+    for ch in subject.chars() {
+        match ch {
+            _ if escaped => {
+                rdn.push(ch);
+                escaped = false;
+            }
+            '\\' => escaped = true,
+            ',' | '+' => parts.push(std::mem::take(&mut rdn)),
+            _ => rdn.push(ch),
+        }
+    }
+    parts.push(rdn);
+    parts.into_iter().find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k.trim().eq_ignore_ascii_case("cn") && !v.trim().is_empty()).then(|| v.trim().to_string())
+    })
+}
+
+fn split_unquoted(s: &str, sep: char) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut escaped) = (false, false);
+    for ch in s.chars() {
+        if escaped {
+            cur.push(ch);
+            escaped = false;
+            continue;
+        }
+        match ch {
+            '\\' if quoted => {
+                cur.push(ch);
+                escaped = true;
+            }
+            '"' => {
+                quoted = !quoted;
+                cur.push(ch);
+            }
+            c if c == sep && !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err("unterminated quote".into());
+    }
+    out.push(cur);
+    Ok(out)
+}
+
+fn unquote(v: &str) -> Result<String, String> {
+    let Some(inner) = v.strip_prefix('"') else {
+        if v.contains('"') {
+            return Err("stray quote in a value".into());
+        }
+        return Ok(v.to_string());
+    };
+    let inner = inner
+        .strip_suffix('"')
+        .ok_or_else(|| "text after a quoted value".to_string())?;
+    // Only `\"` is Envoy's escape; other backslashes belong to the value
+    // (a Subject's RFC 4514 escapes such as `\,`).
+    let mut out = String::new();
+    let mut escaped = false;
+    for ch in inner.chars() {
+        match ch {
+            _ if escaped => {
+                if ch != '"' {
+                    out.push('\\');
+                }
+                out.push(ch);
+                escaped = false;
+            }
+            '\\' => escaped = true,
+            '"' => return Err("text after a quoted value".into()),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// A SPIFFE ID, an IP address or a DNS name: what may become a SAN.
+fn valid_identity(id: &str) -> bool {
+    if id.starts_with("spiffe://") {
+        return SpiffeId::parse(id).is_ok();
+    }
+    id.parse::<IpAddr>().is_ok()
+        || (id.len() <= 253
+            && id.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            }))
+}
+
+/// Takes the caller's identities from a trusted gateway's XFCC header.
+pub struct XfccAuthenticator {
+    cidrs: Vec<Cidr>,
+}
+
+impl XfccAuthenticator {
+    pub fn new(cidrs: Vec<Cidr>) -> Self {
+        XfccAuthenticator { cidrs }
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for XfccAuthenticator {
+    fn name(&self) -> &'static str {
+        "XFCC (trusted gateway)"
+    }
+
+    async fn authenticate(&self, ctx: &RequestContext<'_>) -> Result<Option<Caller>, AuthnError> {
+        let Some(value) = ctx.metadata.get(XFCC_HEADER) else {
+            return Ok(None);
+        };
+        if !is_trusted_gateway(ctx.remote_addr, &self.cidrs) {
+            return Err(XfccError::UntrustedPeer {
+                peer: ctx
+                    .remote_addr
+                    .map_or_else(|| "-".into(), |a| a.to_string()),
+            }
+            .into());
+        }
+        let header = value.to_str().map_err(|_| XfccError::NotAscii)?;
+        let ids = identities(&parse(header)?);
+        if ids.is_empty() {
+            return Err(XfccError::NoIdentities.into());
+        }
+        if let Some(bad) = ids.iter().find(|id| !valid_identity(id)) {
+            return Err(XfccError::BadIdentity(bad.chars().take(256).collect()).into());
+        }
+        let peer = ctx
+            .remote_addr
+            .map_or_else(|| "-".into(), |a| a.ip().to_string());
+        Ok(Some(Caller::new(
+            ids,
+            AuthnKind::xfcc,
+            format!("XFCC from gateway {peer}"),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    /// Case 13's trusted-address table.
+    #[test]
+    fn loopback_is_always_trusted_and_other_peers_only_inside_a_cidr() {
+        for (peer, nets, trusted) in [
+            ("127.0.0.1:9901", &[][..], true),
+            ("172.0.0.1:9901", &[][..], false),
+            ("172.17.0.2:9901", &["172.17.0.0/16"][..], true),
+            (
+                "[2001:db8:1234:1a00::]:80",
+                &["2001:db8:1234:1a00::/56"][..],
+                true,
+            ),
+            ("110.17.0.2:9901", &["172.17.0.0/16"][..], false),
+            ("[::1]:9901", &[][..], true),
+            ("[::ffff:127.0.0.1]:9901", &[][..], true),
+            ("[::ffff:172.17.3.4]:9901", &["172.17.0.0/16"][..], true),
+            (
+                "172.18.0.1:9901",
+                &["172.17.0.0/16", "10.0.0.0/8"][..],
+                false,
+            ),
+            (
+                "10.200.0.1:9901",
+                &["172.17.0.0/16", "10.0.0.0/8"][..],
+                true,
+            ),
+            (
+                "[2001:db8:1234:1b00::]:80",
+                &["2001:db8:1234:1a00::/56"][..],
+                false,
+            ),
+        ] {
+            assert_eq!(
+                is_trusted_gateway(Some(peer.parse().unwrap()), &cidrs(nets)),
+                trusted,
+                "{peer} in {nets:?}"
+            );
+        }
+        assert!(!is_trusted_gateway(None, &cidrs(&["0.0.0.0/0"])));
+        assert!(is_trusted_gateway(
+            Some("8.8.8.8:1".parse().unwrap()),
+            &cidrs(&["0.0.0.0/0"])
+        ));
+    }
+
+    #[test]
+    fn cidrs_need_an_address_and_a_prefix_in_range() {
+        assert_eq!(
+            "10.1.0.0/16".parse::<Cidr>().unwrap().to_string(),
+            "10.1.0.0/16"
+        );
+        for bad in [
+            "10.1.0.0",
+            "10.1.0.0/33",
+            "::/129",
+            "x/8",
+            "10.1.0.0/",
+            "10.1.0.0/-1",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert!(
+            "10.1.2.3/12"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("10.15.0.1".parse().unwrap())
+        );
+        assert!(
+            !"10.1.2.3/12"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("10.16.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn istios_example_header_gives_the_uri() {
+        let h = r#"Hash=meshclient;Subject="";URI=spiffe://mesh.example.com/ns/otherns/sa/othersa"#;
+        assert_eq!(
+            identities(&parse(h).unwrap()),
+            ["spiffe://mesh.example.com/ns/otherns/sa/othersa"]
+        );
+    }
+
+    #[test]
+    fn identities_are_uris_then_dns_then_cn_per_hop() {
+        let h = concat!(
+            r#"By=spiffe://gw;Hash=ab;Subject="CN=first.example.com,OU=a\,b";URI=spiffe://td/ns/a/sa/b;DNS=a.example.com;DNS=b.example.com;URI=spiffe://td/ns/a/sa/c,"#,
+            r#"By=spiffe://gw;Hash=cd;Subject="O=x+CN=second";DNS=c.example.com"#
+        );
+        assert_eq!(
+            identities(&parse(h).unwrap()),
+            [
+                "spiffe://td/ns/a/sa/b",
+                "spiffe://td/ns/a/sa/c",
+                "a.example.com",
+                "b.example.com",
+                "first.example.com",
+                "c.example.com",
+                "second",
+            ]
+        );
+    }
+
+    #[test]
+    fn quoted_values_may_hold_separators() {
+        let certs = parse(r#"Subject="CN=a;b,c=d";URI=spiffe://td/x"#).unwrap();
+        assert_eq!(certs.len(), 1);
+        assert_eq!(certs[0].subject.as_deref(), Some("CN=a;b,c=d"));
+        assert_eq!(certs[0].uris, ["spiffe://td/x"]);
+    }
+
+    #[test]
+    fn junk_headers_are_refused() {
+        for junk in [
+            "junk",
+            "URI=spiffe://td/x,",
+            ";;",
+            r#"Subject="unterminated"#,
+            r#"Subject="a"b;URI=x"#,
+            "Frob=1",
+            r#"URI=a"b"#,
+        ] {
+            assert!(
+                matches!(parse(junk), Err(XfccError::Malformed(_))),
+                "{junk}"
+            );
+        }
+        assert_eq!(
+            parse(&"a".repeat(MAX_XFCC_BYTES + 1)),
+            Err(XfccError::TooLong)
+        );
+    }
+
+    #[test]
+    fn only_san_shaped_identities_are_accepted() {
+        for ok in [
+            "spiffe://td/ns/a/sa/b",
+            "10.0.0.1",
+            "::1",
+            "a.example.com",
+            "*.example.com",
+        ] {
+            assert!(valid_identity(ok), "{ok}");
+        }
+        for bad in [
+            "spiffe://td/ns//sa/b",
+            "a b",
+            "-a.com",
+            "a..com",
+            "ex\u{e9}.com",
+            "",
+        ] {
+            assert!(!valid_identity(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! XFCC (spec 3.2, case 13): identities forwarded by a trusted gateway in
+//! `x-forwarded-client-cert`, accepted only with --trusted-gateway-cidrs and
+//! only from trusted peers (the test client is on loopback, which is always
+//! trusted; peers outside the CIDRs are covered by the unit table in
+//! src/authn/xfcc.rs).
+
+mod common;
+mod support;
+
+use common::*;
+use plugca::client::CsrShape;
+use plugca::pb::IstioCertificateRequest;
+use support::logs;
+use tonic::Code;
+
+const XFCC: &str =
+    r#"Hash=meshclient;Subject="";URI=spiffe://mesh.example.com/ns/otherns/sa/othersa"#;
+
+fn body() -> IstioCertificateRequest {
+    IstioCertificateRequest {
+        csr: csr(&p256(), None, CsrShape::Ztunnel),
+        validity_duration: 0,
+        metadata: None,
+    }
+}
+
+async fn xfcc_server() -> TestServer {
+    TestServer::start(&[
+        "--cacerts-dir",
+        CERTS,
+        "--trusted-gateway-cidrs",
+        "172.17.0.0/16",
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loopback_gateway_forwards_the_client_identity() {
+    let server = xfcc_server().await;
+    let mut client = server.client().await;
+    let chain = send_raw(&mut client, body(), &[("x-forwarded-client-cert", XFCC)])
+        .await
+        .unwrap();
+    webpki_verify(&chain);
+    assert_eq!(
+        leaf_facts(&chain[0]).uris,
+        ["spiffe://mesh.example.com/ns/otherns/sa/othersa"]
+    );
+    // Several hops, DNS names and a Subject CN, in istiod's order.
+    let hops = concat!(
+        r#"Hash=a;Subject="CN=gw.example.com";URI=spiffe://mesh.example.com/ns/a/sa/b;DNS=b.example.com,"#,
+        r#"Hash=b;DNS=c.example.com"#
+    );
+    let chain = send_raw(&mut client, body(), &[("x-forwarded-client-cert", hops)])
+        .await
+        .unwrap();
+    let facts = leaf_facts(&chain[0]);
+    assert_eq!(facts.uris, ["spiffe://mesh.example.com/ns/a/sa/b"]);
+    assert_eq!(
+        facts.dns,
+        ["b.example.com", "gw.example.com", "c.example.com"]
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "plugca_certificates_issued_total{authenticator=\"xfcc\",key=\"p256\"}"
+        )
+        .await
+        .as_deref(),
+        Some("2")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_junk_header_is_refused_with_the_reason_in_the_log() {
+    let logs = logs();
+    let server = xfcc_server().await;
+    let mut client = server.client().await;
+    for (junk, reason) in [
+        (
+            "junk-header-x1",
+            "XFCC: malformed XFCC header: a field is not key=value",
+        ),
+        (
+            "Hash=x;Subject=\"\"",
+            "XFCC: the XFCC header names no identity",
+        ),
+        (
+            "URI=spiffe://td/ns/a b",
+            "XFCC: XFCC identity \"spiffe://td/ns/a b\" is not a SPIFFE ID",
+        ),
+    ] {
+        assert_eq!(
+            send_raw(&mut client, body(), &[("x-forwarded-client-cert", junk)])
+                .await
+                .unwrap_err(),
+            (Code::Unauthenticated, "request authenticate failure".into()),
+            "{junk}"
+        );
+        logs.assert_line(&["CreateCertificate refused", reason]);
+    }
+    server.stop().await;
+}
+
+/// Without --trusted-gateway-cidrs the header means nothing, even from loopback.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_trusted_gateways_the_header_is_ignored() {
+    let server = TestServer::start(&["--cacerts-dir", CERTS]).await;
+    let mut client = server.client().await;
+    assert_eq!(
+        send_raw(&mut client, body(), &[("x-forwarded-client-cert", XFCC)])
+            .await
+            .unwrap_err(),
+        (Code::Unauthenticated, "request authenticate failure".into())
+    );
+    server.stop().await;
+}
+
+/// A client certificate comes first in the chain and wins over XFCC.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_wins_over_forwarded_identities() {
+    let server = xfcc_server().await;
+    let mut client = server.client().await;
+    let key = p256();
+    let own = send_raw(
+        &mut client,
+        IstioCertificateRequest {
+            csr: csr(&key, None, CsrShape::Ztunnel),
+            validity_duration: 0,
+            metadata: None,
+        },
+        &[(
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/gw/sa/client",
+        )],
+    )
+    .await
+    .unwrap();
+    let mut mtls = server
+        .client_with(Some((own[..own.len() - 1].concat(), key.serialize_pem())))
+        .await;
+    let chain = send_raw(&mut mtls, body(), &[("x-forwarded-client-cert", XFCC)])
+        .await
+        .unwrap();
+    assert_eq!(
+        leaf_facts(&chain[0]).uris,
+        ["spiffe://cluster.local/ns/gw/sa/client"]
+    );
+    server.stop().await;
+}
