@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::authn::client_cert::ClientCertAuthenticator;
-use crate::authn::jwt::{JwksError, JwtAuthenticator};
+use crate::authn::jwks::{JwksSetupError, RemoteJwks};
+use crate::authn::jwt::{JwksError, JwtAuthenticator, KeySource as _};
 use crate::authn::kube::KubeJwtAuthenticator;
 use crate::authn::xfcc::XfccAuthenticator;
 use crate::authn::{Authenticator, Authenticators};
@@ -45,6 +46,8 @@ pub enum AppError {
     Jwks(#[from] JwksError),
     #[error("{0}")]
     Kubernetes(#[from] KubeSetupError),
+    #[error("{0}")]
+    JwtRule(#[from] JwksSetupError),
     #[error("--impersonation-policy {0}")]
     ImpersonationPolicy(#[from] PolicyError),
     #[error("{0}")]
@@ -122,6 +125,21 @@ impl App {
         let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
             config.trust_domain.clone(),
         ))];
+        if let Some(jr) = &config.jwt_rule {
+            let source = Arc::new(RemoteJwks::new(jr.rule.clone(), jr.ca_file.as_deref())?);
+            // Fetch once now so the first request does not wait; failure is
+            // not fatal (the endpoint may come up later) and is logged.
+            if source.fetch(None).await.is_ok() {
+                info!(issuer = %jr.rule.issuer, keys = %source.describe(), "JWT_RULE authentication");
+            }
+            chain.push(Box::new(JwtAuthenticator::with_source(
+                source,
+                "JWT (JWT_RULE)",
+                jr.rule.issuer.clone(),
+                jr.rule.audiences(),
+                config.trust_domain.clone(),
+            )));
+        }
         if let Some(jwt) = &config.jwt {
             chain.push(Box::new(JwtAuthenticator::from_jwks_file(
                 &jwt.jwks_file,
@@ -154,6 +172,7 @@ impl App {
                 "LAB MODE: --insecure-trust-csr-identity issues any identity a CSR names in the trust domain, without proof; never use it in a real mesh"
             );
         } else if config.jwt.is_none()
+            && config.jwt_rule.is_none()
             && clusters.is_none()
             && config.trusted_gateway_cidrs.is_none()
         {

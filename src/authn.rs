@@ -3,6 +3,7 @@
 //! in istiod's order (client certificate first); the first success wins.
 
 pub mod client_cert;
+pub mod jwks;
 pub mod jwt;
 pub mod kube;
 pub mod token_cache;
@@ -144,10 +145,8 @@ impl AuthnError {
     pub fn is_transient(&self) -> bool {
         match self {
             AuthnError::Kube(e) => e.is_transient(),
-            AuthnError::ClientCert(_)
-            | AuthnError::Jwt(_)
-            | AuthnError::TrustedCsr(_)
-            | AuthnError::Xfcc(_) => false,
+            AuthnError::Jwt(e) => e.is_transient(),
+            AuthnError::ClientCert(_) | AuthnError::TrustedCsr(_) | AuthnError::Xfcc(_) => false,
         }
     }
 }

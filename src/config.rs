@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::authn::jwks::JwtRule;
 use crate::authn::xfcc::Cidr;
 use crate::ca::generate::KeyChoice;
 use crate::duration;
@@ -71,6 +72,17 @@ pub struct ServeArgs {
     /// Accepted JWT audience; repeat the flag (or comma-separate in the env) for several.
     #[arg(long, env = "PLUGCA_JWT_AUDIENCE", value_delimiter = ',', default_value = DEFAULT_JWT_AUDIENCE)]
     pub jwt_audience: Vec<String>,
+
+    /// istiod's JWT_RULE: accept bearer JWTs of an OIDC issuer whose keys are
+    /// fetched over HTTPS, as JSON {"issuer": "https://...", "jwks_uri":
+    /// "https://...", "audiences": ["..."]}; without jwks_uri the issuer's
+    /// /.well-known/openid-configuration names it.
+    #[arg(long, env = "JWT_RULE")]
+    pub jwt_rule: Option<String>,
+
+    /// PEM roots to trust for the --jwt-rule endpoints besides the system roots.
+    #[arg(long, env = "PLUGCA_JWT_RULE_CA_FILE")]
+    pub jwt_rule_ca_file: Option<PathBuf>,
 
     /// Extra DNS names for the gRPC serving certificate, comma-separated.
     #[arg(long, env = "ISTIOD_CUSTOM_HOST", value_delimiter = ',')]
@@ -206,6 +218,13 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
 }
 
+/// `--jwt-rule` and where to find roots for its HTTPS endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtRuleConfig {
+    pub rule: JwtRule,
+    pub ca_file: Option<PathBuf>,
+}
+
 /// Who may impersonate, and what checks the targets. With Kubernetes access,
 /// node authorization always applies; the policy file, if any, narrows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -224,6 +243,7 @@ pub struct Config {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub jwt: Option<JwtConfig>,
+    pub jwt_rule: Option<JwtRuleConfig>,
     pub server_dns_names: Vec<String>,
     pub insecure_trust_csr_identity: bool,
     pub impersonation: ImpersonationConfig,
@@ -329,6 +349,14 @@ impl ServeArgs {
             ));
         }
         let kubernetes = self.kubernetes_config()?;
+        let jwt_rule = match self.jwt_rule.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(json) => Some(JwtRuleConfig {
+                rule: JwtRule::parse(json)
+                    .map_err(|reason| invalid("--jwt-rule", "JWT_RULE", json, reason))?,
+                ca_file: self.jwt_rule_ca_file.clone(),
+            }),
+        };
         let trusted_gateway_cidrs = self
             .trusted_gateway_cidrs
             .iter()
@@ -399,6 +427,7 @@ impl ServeArgs {
             default_ttl,
             max_ttl,
             jwt,
+            jwt_rule,
             server_dns_names: self
                 .server_dns_names
                 .into_iter()
@@ -693,6 +722,26 @@ mod tests {
         assert_eq!(c.cluster_id, "east");
         assert_eq!(c.token_audiences, ["istio-ca", "other"]);
         assert_eq!(c.api_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_jwt_rule_is_istiods_json() {
+        assert!(parse(&[]).unwrap().jwt_rule.is_none());
+        assert!(parse(&["--jwt-rule", ""]).unwrap().jwt_rule.is_none());
+        let c = parse(&[
+            "--jwt-rule",
+            r#"{"issuer":"https://idp","jwks_uri":"https://idp/keys","audiences":["istio-ca"]}"#,
+        ])
+        .unwrap();
+        assert_eq!(c.jwt_rule.unwrap().rule.issuer, "https://idp");
+        let e = parse(&["--jwt-rule", r#"{"issuer":"https://idp"}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--jwt-rule (env JWT_RULE): "), "{e}");
+        assert!(
+            e.ends_with("\"audiences\" needs at least one audience"),
+            "{e}"
+        );
     }
 
     #[test]

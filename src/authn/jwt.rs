@@ -1,12 +1,16 @@
-//! Bearer JWTs checked against a local JWKS file (`--jwks-file`): RS256 and
-//! ES256, with `iss`, `aud`, `exp` and `nbf` validated, and a Kubernetes
-//! service-account `sub` turned into `spiffe://<td>/ns/<ns>/sa/<sa>`.
+//! Bearer JWTs of one issuer: RS256 and ES256, with `iss`, `aud`, `exp` and
+//! `nbf` validated, and a Kubernetes service-account `sub` turned into
+//! `spiffe://<td>/ns/<ns>/sa/<sa>`. The keys come from a [`KeySource`]: a
+//! local JWKS file (`--jwks-file`) or an HTTPS JWKS endpoint (`--jwt-rule`,
+//! see [`crate::authn::jwks`]); verification is the same for both.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde::Deserialize;
 
+use crate::authn::token_cache::TokenCache;
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext, ServiceAccount};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::metrics::AuthnKind;
@@ -35,6 +39,15 @@ pub enum JwtError {
     Subject(String),
     #[error("token subject names an invalid identity: {0}")]
     Identity(String),
+    #[error("verification keys from {source_} are unavailable: {reason}")]
+    KeysUnavailable { source_: String, reason: String },
+}
+
+impl JwtError {
+    /// The keys could not be fetched: the client should retry (UNAVAILABLE).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, JwtError::KeysUnavailable { .. })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,106 +64,20 @@ pub enum JwksError {
     NoCryptoProvider,
 }
 
+/// One verification key of a JWKS.
 struct Key {
     kid: Option<String>,
     key: DecodingKey,
 }
 
-/// Verifies bearer tokens issued by one issuer whose keys are in a JWKS file.
-pub struct JwtAuthenticator {
-    issuer: String,
-    audiences: Vec<String>,
+/// The usable keys of a JWKS document (RSA and EC P-256; others are skipped).
+pub struct KeySet {
     keys: Vec<Key>,
-    trust_domain: TrustDomain,
-    cache: VerifiedCache,
 }
 
-#[derive(Deserialize)]
-struct Claims {
-    sub: String,
-    exp: i64,
-}
-
-/// Most verified tokens remembered.
-pub const TOKEN_CACHE_CAPACITY: usize = 16_384;
-
-/// Identities of recently verified tokens until they expire, keyed by the
-/// SHA-256 of the token (tokens themselves are never stored), so a renewal
-/// storm with the same tokens costs one signature check per token.
-#[derive(Default)]
-struct VerifiedCache {
-    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (SpiffeId, i64)>>,
-}
-
-impl VerifiedCache {
-    fn key(token: &str) -> [u8; 32] {
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let mut k = [0u8; 32];
-        k.copy_from_slice(digest.as_ref());
-        k
-    }
-
-    fn get(&self, key: &[u8; 32], now: i64) -> Option<SpiffeId> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .get(key)
-            .filter(|(_, exp)| *exp > now)
-            .map(|(id, _)| id.clone())
-    }
-
-    fn put(&self, key: [u8; 32], id: SpiffeId, exp: i64, now: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= TOKEN_CACHE_CAPACITY {
-            entries.retain(|_, (_, e)| *e > now);
-            if entries.len() >= TOKEN_CACHE_CAPACITY {
-                entries.clear();
-            }
-        }
-        entries.insert(key, (id, exp));
-    }
-}
-
-impl JwtAuthenticator {
-    pub fn from_jwks_file(
-        path: &Path,
-        issuer: String,
-        audiences: Vec<String>,
-        trust_domain: TrustDomain,
-    ) -> Result<Self, JwksError> {
-        use std::io::Read as _;
-        let file = path.to_path_buf();
-        let read_err = |e: std::io::Error| JwksError::Read {
-            file: file.clone(),
-            reason: e.to_string(),
-        };
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .map_err(read_err)?
-            .take(MAX_JWKS_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
-        if bytes.len() as u64 > MAX_JWKS_BYTES {
-            return Err(JwksError::TooLarge { file });
-        }
-        let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| JwksError::Parse {
-            file: file.clone(),
-            reason: e.to_string(),
-        })?;
-        Self::from_jwks(&set, issuer, audiences, trust_domain).map_err(|e| match e {
-            JwksError::NoKeys { .. } => JwksError::NoKeys { file },
-            other => other,
-        })
-    }
-
-    pub fn from_jwks(
-        set: &JwkSet,
-        issuer: String,
-        audiences: Vec<String>,
-        trust_domain: TrustDomain,
-    ) -> Result<Self, JwksError> {
-        if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
-            return Err(JwksError::NoCryptoProvider);
-        }
+impl KeySet {
+    /// `None` when the set holds no usable key.
+    pub fn from_jwks(set: &JwkSet) -> Option<Self> {
         let keys: Vec<Key> = set
             .keys
             .iter()
@@ -162,48 +89,24 @@ impl JwtAuthenticator {
                 })
             })
             .collect();
-        if keys.is_empty() {
-            return Err(JwksError::NoKeys {
-                file: PathBuf::new(),
-            });
-        }
-        Ok(JwtAuthenticator {
-            issuer,
-            audiences,
-            keys,
-            trust_domain,
-            cache: VerifiedCache::default(),
-        })
+        (!keys.is_empty()).then_some(KeySet { keys })
     }
 
-    /// Verifies a token and returns the workload identity it proves.
-    pub fn verify(&self, token: &str) -> Result<SpiffeId, JwtError> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(JwtError::TooLong);
-        }
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let cache_key = VerifiedCache::key(token);
-        if let Some(id) = self.cache.get(&cache_key, now) {
-            return Ok(id);
-        }
-        let (id, exp) = self.verify_uncached(token)?;
-        self.cache.put(cache_key, id.clone(), exp, now);
-        Ok(id)
+    pub fn len(&self) -> usize {
+        self.keys.len()
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<(SpiffeId, i64), JwtError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(e.to_string()))?;
-        if !ALLOWED_ALGS.contains(&header.alg) {
-            return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
-        }
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&self.audiences);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.leeway = 30;
-        let candidates: Vec<&Key> = match &header.kid {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+
+    /// The keys a token with `kid` may be signed with.
+    fn candidates(&self, kid: Option<&str>) -> Result<Vec<&Key>, JwtError> {
+        match kid {
             Some(kid) => {
                 let found: Vec<&Key> = self
                     .keys
@@ -211,14 +114,253 @@ impl JwtAuthenticator {
                     .filter(|k| k.kid.as_deref() == Some(kid))
                     .collect();
                 if found.is_empty() {
-                    return Err(JwtError::UnknownKid(kid.clone()));
+                    return Err(JwtError::UnknownKid(kid.to_string()));
                 }
-                found
+                Ok(found)
             }
-            None => self.keys.iter().collect(),
+            None => Ok(self.keys.iter().collect()),
+        }
+    }
+}
+
+/// Where an issuer's verification keys come from: a file read once at start
+/// ([`StaticKeys`]) or an HTTPS JWKS endpoint ([`crate::authn::jwks::RemoteJwks`]).
+#[tonic::async_trait]
+pub trait KeySource: Send + Sync {
+    /// For logs: where the keys come from.
+    fn describe(&self) -> String;
+
+    /// The keys at hand, without fetching; `None` before a first fetch.
+    fn snapshot(&self) -> Option<Arc<KeySet>>;
+
+    /// Whether the snapshot should be refreshed before use.
+    fn stale(&self) -> bool {
+        false
+    }
+
+    /// Keys that may hold `kid` (a token's key id unknown to the snapshot, or
+    /// `None` when the snapshot is missing or stale). Remote sources refetch,
+    /// rate-limited; static ones return what they have.
+    async fn fetch(&self, kid: Option<&str>) -> Result<Arc<KeySet>, JwtError>;
+}
+
+/// Keys fixed at start (`--jwks-file`).
+pub struct StaticKeys {
+    origin: String,
+    keys: Arc<KeySet>,
+}
+
+#[tonic::async_trait]
+impl KeySource for StaticKeys {
+    fn describe(&self) -> String {
+        self.origin.clone()
+    }
+
+    fn snapshot(&self) -> Option<Arc<KeySet>> {
+        Some(self.keys.clone())
+    }
+
+    async fn fetch(&self, _kid: Option<&str>) -> Result<Arc<KeySet>, JwtError> {
+        Ok(self.keys.clone())
+    }
+}
+
+/// Verifies bearer tokens of one issuer against the keys of a [`KeySource`].
+pub struct JwtAuthenticator {
+    issuer: String,
+    audiences: Vec<String>,
+    source: Arc<dyn KeySource>,
+    trust_domain: TrustDomain,
+    name: &'static str,
+    /// Identities of verified tokens until they expire.
+    cache: TokenCache<SpiffeId>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+}
+
+/// Reads a JWKS file (bounded) into a key set.
+pub fn read_jwks_file(path: &Path) -> Result<KeySet, JwksError> {
+    use std::io::Read as _;
+    let file = path.to_path_buf();
+    let read_err = |e: std::io::Error| JwksError::Read {
+        file: file.clone(),
+        reason: e.to_string(),
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(MAX_JWKS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_JWKS_BYTES {
+        return Err(JwksError::TooLarge { file });
+    }
+    let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| JwksError::Parse {
+        file: file.clone(),
+        reason: e.to_string(),
+    })?;
+    KeySet::from_jwks(&set).ok_or(JwksError::NoKeys { file })
+}
+
+impl JwtAuthenticator {
+    pub fn from_jwks_file(
+        path: &Path,
+        issuer: String,
+        audiences: Vec<String>,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, JwksError> {
+        check_crypto_provider()?;
+        let keys = read_jwks_file(path)?;
+        let source = StaticKeys {
+            origin: format!("JWKS file {}", path.display()),
+            keys: Arc::new(keys),
         };
+        Ok(Self::with_source(
+            Arc::new(source),
+            "JWT (JWKS file)",
+            issuer,
+            audiences,
+            trust_domain,
+        ))
+    }
+
+    pub fn from_jwks(
+        set: &JwkSet,
+        issuer: String,
+        audiences: Vec<String>,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, JwksError> {
+        check_crypto_provider()?;
+        let keys = KeySet::from_jwks(set).ok_or(JwksError::NoKeys {
+            file: PathBuf::new(),
+        })?;
+        let source = StaticKeys {
+            origin: "JWKS".into(),
+            keys: Arc::new(keys),
+        };
+        Ok(Self::with_source(
+            Arc::new(source),
+            "JWT (JWKS)",
+            issuer,
+            audiences,
+            trust_domain,
+        ))
+    }
+
+    /// An authenticator for `issuer` whose keys come from `source`.
+    pub fn with_source(
+        source: Arc<dyn KeySource>,
+        name: &'static str,
+        issuer: String,
+        audiences: Vec<String>,
+        trust_domain: TrustDomain,
+    ) -> Self {
+        JwtAuthenticator {
+            issuer,
+            audiences,
+            source,
+            trust_domain,
+            name,
+            cache: TokenCache::default(),
+        }
+    }
+
+    /// Verifies a token with the keys at hand (never fetches) and returns the
+    /// workload identity it proves.
+    pub fn verify(&self, token: &str) -> Result<SpiffeId, JwtError> {
+        self.cached_or(token, |header| {
+            let keys = self
+                .source
+                .snapshot()
+                .ok_or_else(|| JwtError::KeysUnavailable {
+                    source_: self.source.describe(),
+                    reason: "no keys fetched yet".into(),
+                })?;
+            self.verify_with(token, header, &keys)
+        })
+    }
+
+    /// Verifies a token, fetching keys when the source has none, is stale, or
+    /// lacks the token's `kid`.
+    pub async fn verify_async(&self, token: &str) -> Result<SpiffeId, JwtError> {
+        if let Some(id) = self.cached(token)? {
+            return Ok(id);
+        }
+        let header = self.header(token)?;
+        let kid = header.kid.as_deref();
+        let keys = match self.source.snapshot() {
+            Some(keys) if !self.source.stale() && kid.is_none_or(|k| keys.has_kid(k)) => keys,
+            _ => self.source.fetch(kid).await?,
+        };
+        let (id, exp) = self.verify_with(token, &header, &keys)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.cache.put(
+            TokenCache::<SpiffeId>::key(&self.issuer, token),
+            id.clone(),
+            exp,
+            now,
+        );
+        Ok(id)
+    }
+
+    fn cached(&self, token: &str) -> Result<Option<SpiffeId>, JwtError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(JwtError::TooLong);
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        Ok(self
+            .cache
+            .get(&TokenCache::<SpiffeId>::key(&self.issuer, token), now))
+    }
+
+    fn cached_or(
+        &self,
+        token: &str,
+        verify: impl FnOnce(&jsonwebtoken::Header) -> Result<(SpiffeId, i64), JwtError>,
+    ) -> Result<SpiffeId, JwtError> {
+        if let Some(id) = self.cached(token)? {
+            return Ok(id);
+        }
+        let header = self.header(token)?;
+        let (id, exp) = verify(&header)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.cache.put(
+            TokenCache::<SpiffeId>::key(&self.issuer, token),
+            id.clone(),
+            exp,
+            now,
+        );
+        Ok(id)
+    }
+
+    /// The token's header, with the algorithm allow-listed (not trusted).
+    fn header(&self, token: &str) -> Result<jsonwebtoken::Header, JwtError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(e.to_string()))?;
+        if !ALLOWED_ALGS.contains(&header.alg) {
+            return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+        }
+        Ok(header)
+    }
+
+    fn verify_with(
+        &self,
+        token: &str,
+        header: &jsonwebtoken::Header,
+        keys: &KeySet,
+    ) -> Result<(SpiffeId, i64), JwtError> {
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&self.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
         let mut last = JwtError::Invalid("no key matched".into());
-        for key in candidates {
+        for key in keys.candidates(header.kid.as_deref())? {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => return Ok((self.identity(&data.claims.sub)?, data.claims.exp)),
                 Err(e) => last = JwtError::Invalid(format!("{:?}", e.kind())),
@@ -235,6 +377,13 @@ impl JwtAuthenticator {
         SpiffeId::workload(&self.trust_domain, ns, sa)
             .map_err(|e| JwtError::Identity(e.to_string()))
     }
+}
+
+fn check_crypto_provider() -> Result<(), JwksError> {
+    if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
+        return Err(JwksError::NoCryptoProvider);
+    }
+    Ok(())
 }
 
 /// The first `authorization: Bearer <token>` value. `Ok(None)` when there is no
@@ -257,14 +406,14 @@ pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<Option<&s
 #[tonic::async_trait]
 impl Authenticator for JwtAuthenticator {
     fn name(&self) -> &'static str {
-        "JWT (JWKS file)"
+        self.name
     }
 
     async fn authenticate(&self, ctx: &RequestContext<'_>) -> Result<Option<Caller>, AuthnError> {
         let Some(token) = bearer_token(ctx.metadata)? else {
             return Ok(None);
         };
-        let id = self.verify(token)?;
+        let id = self.verify_async(token).await?;
         let (namespace, name) = id
             .namespace_and_service_account()
             .expect("identity() builds /ns/<ns>/sa/<sa> IDs");
@@ -288,30 +437,6 @@ impl Authenticator for JwtAuthenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn id(n: usize) -> SpiffeId {
-        SpiffeId::parse(&format!("spiffe://td/ns/a/sa/s{n}")).unwrap()
-    }
-
-    #[test]
-    fn cached_identities_expire_with_their_token() {
-        let cache = VerifiedCache::default();
-        let k = VerifiedCache::key("token");
-        cache.put(k, id(1), 100, 50);
-        assert_eq!(cache.get(&k, 99), Some(id(1)));
-        assert_eq!(cache.get(&k, 100), None, "expired at exp");
-        assert_eq!(cache.get(&VerifiedCache::key("other"), 50), None);
-    }
-
-    #[test]
-    fn the_cache_stays_bounded() {
-        let cache = VerifiedCache::default();
-        for n in 0..TOKEN_CACHE_CAPACITY + 10 {
-            cache.put(VerifiedCache::key(&n.to_string()), id(n), 1000, 0);
-        }
-        let len = cache.entries.lock().unwrap().len();
-        assert!(len <= TOKEN_CACHE_CAPACITY, "{len}");
-    }
 
     #[test]
     fn subjects_must_be_kubernetes_service_accounts() {

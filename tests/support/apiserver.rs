@@ -325,7 +325,8 @@ pub fn jwt_shaped(sub: &str, exp_in: i64) -> String {
     )
 }
 
-fn tls_config() -> (String, rustls::ServerConfig) {
+/// A fresh CA (PEM) and a rustls server config for 127.0.0.1 and localhost signed by it.
+pub fn tls_config() -> (String, rustls::ServerConfig) {
     let now = time::OffsetDateTime::now_utc();
     let root = generate::self_signed_root(
         &CaSpec {

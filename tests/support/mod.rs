@@ -1,9 +1,10 @@
 //! Helpers for the Kubernetes, impersonation and XFCC tests: log capture
 //! (refusal reasons are only in the log) and, in `apiserver`, an in-process
-//! fake Kubernetes API server over real TLS.
+//! fake Kubernetes API server over real TLS; in `jwks`, a fake OIDC issuer.
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod jwks;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
