@@ -419,7 +419,7 @@ async fn an_api_server_slower_than_the_timeout_gives_unavailable_then_recovers()
     let took = started.elapsed();
     assert_eq!(e.0, Code::Unavailable, "{e:?}");
     assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        took >= Duration::from_secs(1) && took < Duration::from_secs(8),
         "{took:?}"
     );
     logs.assert_line(&[

@@ -287,17 +287,17 @@ impl KeySource for RemoteJwks {
                     }
                     fresh
                 }
-                None => {
-                    if st
-                        .last_attempt
-                        .is_some_and(|t| t.elapsed() < FAILED_FETCH_RETRY)
-                    {
-                        return Err(self.unavailable(format!(
-                            "the last fetch failed; retrying at most every {FAILED_FETCH_RETRY:?}"
-                        )));
-                    }
-                    false
+                None if st
+                    .last_attempt
+                    .is_some_and(|t| t.elapsed() < FAILED_FETCH_RETRY) =>
+                {
+                    // Not `self.unavailable()` here: it locks the state again.
+                    drop(st);
+                    return Err(self.unavailable(format!(
+                        "the last fetch failed; retrying at most every {FAILED_FETCH_RETRY:?}"
+                    )));
                 }
+                None => false,
             }
         };
         {
@@ -386,5 +386,44 @@ mod tests {
             let e = JwtRule::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn without_keys_a_failed_fetch_is_retried_only_after_a_pause() {
+        let now = ::time::OffsetDateTime::now_utc();
+        let root = crate::ca::generate::self_signed_root(
+            &crate::ca::generate::CaSpec {
+                organization: None,
+                common_name: Some("test".into()),
+                locality: None,
+                not_before: now,
+                not_after: now + ::time::Duration::hours(1),
+                path_len: None,
+                dns_sans: Vec::new(),
+            },
+            crate::ca::generate::generate_key(crate::ca::generate::KeyChoice::P256).unwrap(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &root.cert_pem).unwrap();
+        // Port 1 on loopback: connection refused.
+        let rule = JwtRule::parse(
+            r#"{"issuer": "https://127.0.0.1:1", "jwks_uri": "https://127.0.0.1:1/keys", "audiences": ["a"]}"#,
+        )
+        .unwrap();
+        let jwks = RemoteJwks::new(rule, Some(&ca)).unwrap();
+        let first = jwks.fetch(None).await.unwrap_err();
+        assert!(first.is_transient(), "{first}");
+        assert_eq!(jwks.fetches(), 1);
+        let second = jwks.fetch(Some("kid")).await.unwrap_err();
+        assert!(
+            second
+                .to_string()
+                .contains("the last fetch failed; retrying at most every 1s"),
+            "{second}"
+        );
+        assert_eq!(jwks.fetches(), 1, "no second download within the pause");
+        assert!(jwks.snapshot().is_none() && jwks.stale());
     }
 }

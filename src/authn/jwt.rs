@@ -75,6 +75,17 @@ pub struct KeySet {
     keys: Vec<Key>,
 }
 
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<&str> = self
+            .keys
+            .iter()
+            .map(|k| k.kid.as_deref().unwrap_or("-"))
+            .collect();
+        f.debug_struct("KeySet").field("kids", &kids).finish()
+    }
+}
+
 impl KeySet {
     /// `None` when the set holds no usable key.
     pub fn from_jwks(set: &JwkSet) -> Option<Self> {
