@@ -8,35 +8,6 @@ use std::sync::Arc;
 
 use common::*;
 use plugca::client::{CsrShape, RequestOptions};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-
-/// Serves `chain` with `key` on 127.0.0.1:0 for one connection, like a sidecar would.
-async fn serve_workload_tls(chain: &[String], key_der: Vec<u8>) -> std::net::SocketAddr {
-    let certs: Vec<CertificateDer<'static>> = chain.iter().flat_map(|e| der_of(e)).collect();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        certs,
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        if let Ok(mut tls) = acceptor.accept(tcp).await {
-            use tokio::io::AsyncWriteExt;
-            let _ = tls.write_all(b"hello\n").await;
-            let _ = tls.shutdown().await;
-        }
-    });
-    addr
-}
 
 /// The PEM blocks `openssl s_client -showcerts` printed.
 fn showcerts(addr: std::net::SocketAddr) -> Vec<String> {

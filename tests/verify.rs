@@ -10,23 +10,9 @@ use std::sync::Arc;
 
 use common::*;
 use plugca::client::CsrShape;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const PLUGCA: &str = env!("CARGO_BIN_EXE_plugca");
 const IDENTITY: &str = "spiffe://cluster.local/ns/foo/sa/httpbin";
-
-/// Serves `chain` with `key` on 127.0.0.1:0 for one connection, like a
-/// sidecar presents istio-agent's chain. (Same as the seed test's helper;
-/// kept here so this file does not depend on edits to shared test code.)
-async fn serve_workload_tls(chain: &[String], key_der: Vec<u8>) -> SocketAddr {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth();
-    serve_tls(config, chain, key_der).await
-}
 
 /// Like a sidecar in STRICT mTLS: a client certificate is required. Over
 /// TLS 1.2 the handshake fails after the server certificate was sent.
@@ -47,32 +33,6 @@ async fn serve_mtls12(chain: &[String], key_der: Vec<u8>) -> SocketAddr {
         .unwrap()
         .with_client_cert_verifier(verifier);
     serve_tls(config, chain, key_der).await
-}
-
-async fn serve_tls(
-    config: rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
-    chain: &[String],
-    key_der: Vec<u8>,
-) -> SocketAddr {
-    let certs: Vec<CertificateDer<'static>> = chain.iter().flat_map(|e| der_of(e)).collect();
-    let config = config
-        .with_single_cert(
-            certs,
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        if let Ok(mut tls) = acceptor.accept(tcp).await {
-            use tokio::io::AsyncWriteExt;
-            let _ = tls.write_all(b"hello\n").await;
-            let _ = tls.shutdown().await;
-        }
-    });
-    addr
 }
 
 /// Issues a lab-mode certificate for IDENTITY from a server on `cacerts`

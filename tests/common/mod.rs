@@ -654,3 +654,44 @@ pub fn ski_of(pem_text: &str) -> Option<Vec<u8>> {
             _ => None,
         })
 }
+
+/// Serves `chain` with `key` on 127.0.0.1:0 for one connection, like a
+/// sidecar presents istio-agent's chain (all elements, root included).
+pub async fn serve_workload_tls(chain: &[String], key_der: Vec<u8>) -> SocketAddr {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth();
+    serve_tls(config, chain, key_der).await
+}
+
+/// Serves `chain` with `key` and the given TLS settings for one connection.
+pub async fn serve_tls(
+    config: rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
+    chain: &[String],
+    key_der: Vec<u8>,
+) -> SocketAddr {
+    let certs: Vec<CertificateDer<'static>> = chain.iter().flat_map(|e| der_of(e)).collect();
+    let config = config
+        .with_single_cert(
+            certs,
+            rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+                key_der,
+            )),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        if let Ok(mut tls) = acceptor.accept(tcp).await {
+            use tokio::io::AsyncWriteExt;
+            let _ = tls.write_all(b"hello\n").await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    addr
+}
