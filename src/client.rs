@@ -88,6 +88,9 @@ pub async fn connect(
     } else {
         format!("https://{}", conn.addr)
     };
+    // tonic's client TLS takes no provider: it uses the process default, which
+    // this makes the build's backend.
+    crate::tls::crypto_provider();
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&conn.root_cert_pem));
     if let Some(name) = &conn.server_name {
         tls = tls.domain_name(name.clone());

@@ -10,6 +10,8 @@ use plugca::config::LogFormat;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Select this build's TLS crypto backend as the process default up front.
+    plugca::tls::crypto_provider();
     let Command::Serve(args) = cli.command else {
         init_tracing(LogFormat::Text);
         return plugca::cli::run(cli.command).await;

@@ -45,6 +45,25 @@ pub enum TlsError {
     Config(String),
 }
 
+/// The rustls crypto provider of this build: aws-lc-rs with the `aws-lc`
+/// feature, ring otherwise.
+///
+/// With `aws-lc` both providers are compiled into rustls, so this also makes
+/// aws-lc-rs the process default (first call wins): code that builds a config
+/// without naming a provider (tonic's client TLS, kube's client) would
+/// otherwise fall back to ring or panic.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[cfg(feature = "aws-lc")]
+    let provider = {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let _ = provider.clone().install_default();
+        provider
+    };
+    #[cfg(not(feature = "aws-lc"))]
+    let provider = rustls::crypto::ring::default_provider();
+    Arc::new(provider)
+}
+
 /// Sorted, de-duplicated serving DNS names: istiod's defaults plus `extra`.
 pub fn serving_dns_names(extra: &[String]) -> Vec<String> {
     let mut names: Vec<String> = DEFAULT_DNS_NAMES.iter().map(|s| s.to_string()).collect();
@@ -59,7 +78,7 @@ pub fn server_config(
     bundle: &CaBundle,
     dns_names: &[String],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crypto_provider();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| TlsError::Key(e.to_string()))?;
     let mut sans: Vec<GeneralName> = dns_names.iter().cloned().map(GeneralName::Dns).collect();
