@@ -149,8 +149,7 @@ pub enum BundleError {
     Signer(String),
 }
 
-/// The files of a bundle, read but not yet checked.
-#[derive(Debug)]
+/// The files of a bundle, read but not yet checked. `Debug` elides the key.
 pub struct BundleFiles {
     pub layout: Layout,
     pub cert_file: String,
@@ -162,6 +161,19 @@ pub struct BundleFiles {
     key_pem: zeroize::Zeroizing<String>,
     pub chain_pem: String,
     pub root_pem: String,
+}
+
+impl std::fmt::Debug for BundleFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleFiles")
+            .field("layout", &self.layout)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("chain_file", &self.chain_file)
+            .field("root_file", &self.root_file)
+            .field("key_pem", &"[elided]")
+            .finish_non_exhaustive()
+    }
 }
 
 /// A loaded, checked CA: what signing and responses need, precomputed.
