@@ -1,5 +1,6 @@
-//! The `plugca` command line: `serve`, `request`, `certs`.
+//! The `plugca` command line: `serve`, `request`, `certs`, `doctor`, `verify`, `bench`.
 
+pub mod bench;
 pub mod certs;
 pub mod doctor;
 pub mod request;
@@ -42,6 +43,8 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Verify a workload's presented chain against the plugged CA files, like Istio's task.
     Verify(verify::VerifyArgs),
+    /// Load-test a CA over the real protocol (gRPC/TLS), or measure the offline issuance ceiling.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a non-serve subcommand; `serve` is driven by `main`.
@@ -52,6 +55,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Certs(cmd) => certs::run(cmd),
         Command::Doctor(args) => return doctor::run(args),
         Command::Verify(args) => return verify::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,13 +13,15 @@
 //! - [`tls`]: the serving certificate and the TLS listener.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
 //! - [`app`]: binds the listeners and runs everything.
-//! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`).
+//! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`, ...).
+//! - [`bench`]: `plugca bench`, the load generator and the offline issuance ceiling.
 //! - [`identity`], [`pem`], [`asn1`], [`duration`]: shared building blocks.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod asn1;
 pub mod authn;
+pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod client;

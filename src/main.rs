@@ -13,7 +13,13 @@ async fn main() -> ExitCode {
     // Select this build's TLS crypto backend as the process default up front.
     plugca::tls::crypto_provider();
     let Command::Serve(args) = cli.command else {
-        init_tracing(LogFormat::Text);
+        // An in-process bench server would otherwise print an audit line per request.
+        let level = if matches!(cli.command, Command::Bench(_)) {
+            "warn"
+        } else {
+            "info"
+        };
+        init_tracing(LogFormat::Text, level);
         return plugca::cli::run(cli.command).await;
     };
     let log_format = args.log_format;
@@ -24,7 +30,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_tracing(log_format);
+    init_tracing(log_format, "info");
     let app = match App::build(&config).await {
         Ok(app) => app,
         Err(e) => {
@@ -42,9 +48,9 @@ async fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
