@@ -66,8 +66,8 @@ pub fn workload_key(choice: KeyChoice) -> Result<KeyPair, ClientError> {
         .map_err(|e| ClientError::Input(e.to_string()))
 }
 
-/// Where and how to reach the CA.
-#[derive(Debug, Clone)]
+/// Where and how to reach the CA. `Debug` elides the client key.
+#[derive(Clone)]
 pub struct Connection {
     /// `host:port` or `https://host:port`.
     pub addr: String,
@@ -114,8 +114,22 @@ pub async fn connect(
     Ok(IstioCertificateServiceClient::new(channel))
 }
 
-/// What one request carries besides the CSR.
-#[derive(Debug, Clone, Default)]
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .field(
+                "client_identity",
+                &self.client_identity.as_ref().map(|_| "[elided]"),
+            )
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one request carries besides the CSR. `Debug` elides the token.
+#[derive(Clone, Default)]
 pub struct RequestOptions {
     pub bearer_token: Option<String>,
     pub cluster_id: Option<String>,
@@ -123,6 +137,21 @@ pub struct RequestOptions {
     pub impersonate: Option<String>,
     /// Send `CertSigner: ""` like istio-agent.
     pub cert_signer_metadata: bool,
+}
+
+impl std::fmt::Debug for RequestOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestOptions")
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "[elided]"),
+            )
+            .field("cluster_id", &self.cluster_id)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("impersonate", &self.impersonate)
+            .field("cert_signer_metadata", &self.cert_signer_metadata)
+            .finish()
+    }
 }
 
 /// Calls CreateCertificate and returns the response elements.
