@@ -111,6 +111,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "info", conflicts_with = "addr")]
     pub server_log: String,
 
+    /// Runtime threads of the load generator. One thread drives every
+    /// connection without cross-thread wake-ups, leaving the other cores to a
+    /// server on the same box (in-process servers share this runtime).
+    #[arg(long, default_value_t = 1)]
+    pub client_threads: usize,
+
     /// Print one JSON line on stdout (the text report goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -179,7 +185,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                 server_log: args.server_log.clone(),
             }),
         };
-        bench::run_online(OnlineConfig {
+        let client_threads = args.client_threads.max(1);
+        let cfg = OnlineConfig {
             target,
             load: Load {
                 csr_mix: args.csr_mix,
@@ -196,8 +203,23 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                 ceiling: !args.no_ceiling,
                 burst: args.burst.is_some(),
             },
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut builder = if client_threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(client_threads);
+                b
+            };
+            let runtime = builder
+                .enable_all()
+                .build()
+                .map_err(|e| bench::BenchError::Setup(format!("load generator runtime: {e}")))?;
+            runtime.block_on(bench::run_online(cfg))
         })
         .await
+        .map_err(|e| e.to_string())?
     }
     .map_err(|e| e.to_string())?;
 
