@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
         } else {
             "info"
         };
-        init_tracing(LogFormat::Text, level);
+        let _log = init_tracing(LogFormat::Text, level);
         return plugca::cli::run(cli.command).await;
     };
     let log_format = args.log_format;
@@ -30,7 +30,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_tracing(log_format, "info");
+    // Flushes buffered log lines when main returns.
+    let _log = init_tracing(log_format, "info");
     let app = match App::build(&config).await {
         Ok(app) => app,
         Err(e) => {
@@ -48,14 +49,25 @@ async fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat, default_level: &str) {
+/// Logs go to stderr through a background writer so request threads do not
+/// wait on the terminal or pipe; it is not lossy (a full buffer applies
+/// backpressure), so no audit line is dropped.
+fn init_tracing(
+    format: LogFormat,
+    default_level: &str,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
