@@ -202,3 +202,18 @@ impl Authenticators {
         AuthnOutcome::Refused(failures)
     }
 }
+
+/// An error with its sources, each said once (for log lines about remote calls).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let s = s.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = cur.and_then(|c| c.source());
+    }
+    text
+}

@@ -23,6 +23,7 @@ use rustls_pki_types::pem::PemObject as _;
 use serde::Deserialize;
 use tracing::{info, warn};
 
+use crate::authn::error_chain;
 use crate::authn::jwt::{JwtError, KeySet, KeySource, MAX_JWKS_BYTES};
 
 /// Keys older than this are refetched before use.
@@ -328,20 +329,6 @@ impl KeySource for RemoteJwks {
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let s = s.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cur = cur.and_then(|c| c.source());
-    }
-    text
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::api::{Api, PostParams};
 use tracing::instrument;
 
+use crate::authn::error_chain;
 use crate::authn::jwt::{self, MAX_TOKEN_BYTES};
 use crate::authn::token_cache::{TokenCache, unverified_expiry};
 use crate::authn::{Authenticator, AuthnError, BoundPod, Caller, RequestContext, ServiceAccount};
@@ -241,20 +242,6 @@ impl Authenticator for KubeJwtAuthenticator {
         }
         Ok(Some(caller))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let s = s.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cur = cur.and_then(|c| c.source());
-    }
-    text
 }
 
 #[cfg(test)]
