@@ -35,13 +35,16 @@ async fn excess_requests_get_resource_exhausted_before_the_slow_one_finishes() {
         })
     };
     // Wait until it is in flight.
-    for _ in 0..100 {
+    let mut in_flight = false;
+    for _ in 0..1000 {
         let (_, text) = server.http_get("/metrics").await;
         if text.contains("plugca_inflight_requests 1") {
+            in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(in_flight, "the slow request never became in flight");
     let mut refused = Vec::new();
     for _ in 0..4 {
         let mut c = client.clone();
@@ -175,13 +178,16 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         )
         .await
     });
-    for _ in 0..100 {
+    let mut in_flight = false;
+    for _ in 0..1000 {
         let (_, text) = http_get(mon, "/metrics").await;
         if text.contains("plugca_inflight_requests 1") {
+            in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(in_flight, "the slow request never became in flight");
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
