@@ -35,16 +35,16 @@ async fn excess_requests_get_resource_exhausted_before_the_slow_one_finishes() {
         })
     };
     // Wait until it is in flight.
-    let mut in_flight = false;
+    let mut seen_in_flight = false;
     for _ in 0..1000 {
         let (_, text) = server.http_get("/metrics").await;
         if text.contains("plugca_inflight_requests 1") {
-            in_flight = true;
+            seen_in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(in_flight, "the slow request never became in flight");
+    assert!(seen_in_flight, "the slow request never became in flight");
     let mut refused = Vec::new();
     for _ in 0..4 {
         let mut c = client.clone();
@@ -178,16 +178,16 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         )
         .await
     });
-    let mut in_flight = false;
+    let mut seen_in_flight = false;
     for _ in 0..1000 {
         let (_, text) = http_get(mon, "/metrics").await;
         if text.contains("plugca_inflight_requests 1") {
-            in_flight = true;
+            seen_in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(in_flight, "the slow request never became in flight");
+    assert!(seen_in_flight, "the slow request never became in flight");
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -325,4 +325,175 @@ async fn oversized_requests_are_refused_and_the_server_keeps_serving() {
         .unwrap(),
     );
     server.stop().await;
+}
+
+/// Copies an istiod-layout bundle made by plugca's generator into `dir`.
+fn write_generated_bundle(dir: &std::path::Path, cn: &str) -> Vec<u8> {
+    use plugca::ca::generate::{self, CaSpec, KeyChoice};
+    let now = time::OffsetDateTime::now_utc();
+    let spec = |cn: &str, path_len| CaSpec {
+        organization: Some("sighup test".into()),
+        common_name: Some(cn.into()),
+        locality: None,
+        not_before: now - time::Duration::minutes(5),
+        not_after: now + time::Duration::days(30),
+        path_len,
+        dns_sans: vec![],
+    };
+    let root = generate::self_signed_root(
+        &spec("root", None),
+        generate::generate_key(KeyChoice::P256).unwrap(),
+    )
+    .unwrap();
+    let ca = generate::intermediate(
+        &spec(cn, Some(0)),
+        generate::generate_key(KeyChoice::P256).unwrap(),
+        &root.cert_der,
+        &root.key,
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca.key.secret_pkcs8_pem().as_bytes()).unwrap();
+    std::fs::write(dir.join("cert-chain.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("root-cert.pem"), &root.cert_pem).unwrap();
+    ca.cert_der
+}
+
+/// The cacerts files are symlinks into a directory plugca does not watch, so
+/// only SIGHUP can make it notice the change. Logs are JSON: the audit lines
+/// carry the issuance facts and no secrets.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_forces_a_reload_and_json_audit_lines_carry_the_facts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    let watched = tmp.path().join("cacerts");
+    write_generated_bundle(&real, "first");
+    std::fs::create_dir_all(&watched).unwrap();
+    for f in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ] {
+        std::os::unix::fs::symlink(real.join(f), watched.join(f)).unwrap();
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--insecure-trust-csr-identity",
+            "--log-format",
+            "json",
+            "--reload-interval",
+            "1h",
+        ])
+        .arg("--cacerts-dir")
+        .arg(&watched)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_json = async move || -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a log line within 20 s")
+            .unwrap()
+            .expect("the server is still running");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let listening = loop {
+        let v = next_json().await;
+        if v["fields"]["message"] == "listening" {
+            break v;
+        }
+    };
+    let grpc: std::net::SocketAddr = listening["fields"]["grpc"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let root_pem = std::fs::read_to_string(real.join("root-cert.pem")).unwrap();
+    let issue = async |roots: &str| {
+        let mut client = plugca::client::connect(&plugca::client::Connection {
+            addr: grpc.to_string(),
+            root_cert_pem: roots.to_string(),
+            server_name: None,
+            client_identity: None,
+            timeout: Duration::from_secs(20),
+        })
+        .await
+        .unwrap();
+        request(
+            &mut client,
+            csr(&p256(), Some(ID), CsrShape::Ztunnel),
+            &lab(3600),
+        )
+        .await
+        .unwrap()
+    };
+    let chain = issue(&root_pem).await;
+    let audit = loop {
+        let v = next_json().await;
+        if v["target"] == "plugca::audit" {
+            break v;
+        }
+    };
+    let f = &audit["fields"];
+    assert_eq!(f["outcome"], "issued");
+    assert_eq!(f["identity"], ID);
+    assert_eq!(f["sans"], format!("URI:{ID}"));
+    assert_eq!(f["unproven"], true);
+    let serial = f["serial"].as_str().unwrap();
+    assert_eq!(serial.len(), 32);
+    assert!(f["not_after"].as_str().is_some() && f["ca_key_id"].as_str().is_some());
+    let text = audit.to_string();
+    assert!(!text.contains("BEGIN"), "no PEM in the audit line: {text}");
+
+    // Change the real files: nothing in the watched directory changes.
+    let second = write_generated_bundle(&real, "second");
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reloaded = loop {
+        let v = next_json().await;
+        if v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("CA bundle reload"))
+        {
+            break v;
+        }
+    };
+    assert_eq!(reloaded["fields"]["trigger"], "SIGHUP", "{reloaded}");
+    // The new bundle has a new root: the reload was refused as a disjoint root change.
+    assert_eq!(reloaded["level"], "ERROR", "{reloaded}");
+    assert!(
+        reloaded["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-root-replacement")
+    );
+    webpki_verify(&issue(&root_pem).await);
+    assert_ne!(der_of(&chain[1])[0].as_ref(), second.as_slice());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
 }
