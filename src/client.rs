@@ -110,7 +110,7 @@ pub async fn connect(
         .timeout(conn.timeout)
         .connect()
         .await
-        .map_err(|e| connect_err(format!("{e}: {}", source_chain(&e))))?;
+        .map_err(|e| connect_err(crate::authn::error_chain(&e)))?;
     Ok(IstioCertificateServiceClient::new(channel))
 }
 
@@ -232,14 +232,4 @@ pub fn write_outputs(dir: &Path, key_pem: &str, chain: &[String]) -> Result<(), 
     write("cert-chain.pem", &cert_chain, false)?;
     write("root-cert.pem", root, false)?;
     Ok(())
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }

@@ -14,16 +14,6 @@ use tonic::Code;
 
 const AUTHN_FAILURE: &str = "request authenticate failure";
 
-fn samples() -> &'static std::path::Path {
-    std::path::Path::new(SAMPLES)
-}
-
-async fn jwt_server(keys: &JwtKeys, dir: &std::path::Path, extra: &[&str]) -> TestServer {
-    let mut args = server_args(dir, extra);
-    args.extend(keys.server_args());
-    start_server(&args).await
-}
-
 fn es256(keys: &JwtKeys, spec: &TokenSpec) -> String {
     mint(&keys.ec, Algorithm::ES256, "ec-1", spec)
 }

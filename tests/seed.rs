@@ -27,10 +27,7 @@ fn showcerts(addr: std::net::SocketAddr) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_istio_plugin_ca_task_verifies_for_foo_httpbin() {
     let keys = JwtKeys::new();
-    let mut args = vec!["--cacerts-dir".to_string(), SAMPLES.to_string()];
-    args.extend(keys.server_args());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = TestServer::start(&args).await;
+    let server = jwt_server(&keys, std::path::Path::new(SAMPLES), &[]).await;
     let mut client = server.client().await;
 
     let key = p256();
@@ -95,10 +92,7 @@ async fn the_istio_plugin_ca_task_verifies_for_foo_httpbin() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sidecar_shaped_request_gets_a_verifying_chain() {
     let keys = JwtKeys::new();
-    let mut args = vec!["--cacerts-dir".to_string(), SAMPLES.to_string()];
-    args.extend(keys.server_args());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = TestServer::start(&args).await;
+    let server = jwt_server(&keys, std::path::Path::new(SAMPLES), &[]).await;
     let mut client = server.client().await;
     let key = rsa(2048);
     let token = mint(
@@ -184,10 +178,7 @@ async fn ztunnel_client(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ztunnel_shaped_request_over_tls13_aes_gcm_only_gets_a_verifying_chain() {
     let keys = JwtKeys::new();
-    let mut args = vec!["--cacerts-dir".to_string(), CERTS.to_string()];
-    args.extend(keys.server_args());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = TestServer::start(&args).await;
+    let server = jwt_server(&keys, std::path::Path::new(CERTS), &[]).await;
     let mut client = ztunnel_client(server.grpc, &server.root_pem).await;
     let key = p256();
     let token = mint(

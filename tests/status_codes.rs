@@ -20,17 +20,6 @@ async fn lab_server(dir: &std::path::Path, extra: &[&str]) -> TestServer {
     start_server(&server_args(dir, &flags)).await
 }
 
-/// A JWT-authenticating server on `dir`, plus `extra` flags.
-async fn jwt_server(keys: &JwtKeys, dir: &std::path::Path, extra: &[&str]) -> TestServer {
-    let mut args = server_args(dir, extra);
-    args.extend(keys.server_args());
-    start_server(&args).await
-}
-
-fn samples() -> &'static std::path::Path {
-    std::path::Path::new(SAMPLES)
-}
-
 /// A valid P-256 CSR naming the lab identity.
 fn lab_csr() -> String {
     csr(&p256(), Some(LAB_ID), CsrShape::Ztunnel)

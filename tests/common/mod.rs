@@ -695,3 +695,15 @@ pub async fn serve_tls(
     });
     addr
 }
+
+/// The Istio sample certificates directory.
+pub fn samples() -> &'static Path {
+    Path::new(SAMPLES)
+}
+
+/// A JWT-authenticating server on `dir` (issuer and JWKS of `keys`), plus `extra` flags.
+pub async fn jwt_server(keys: &JwtKeys, dir: &std::path::Path, extra: &[&str]) -> TestServer {
+    let mut args = server_args(dir, extra);
+    args.extend(keys.server_args());
+    start_server(&args).await
+}
