@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Validates the Helm chart (deploy/charts/plugca) and the kustomize base
+# (deploy/kubernetes) offline:
+#   - helm lint --strict, with default values and with every feature on;
+#   - helm template with default, every-feature and minimal values, and the
+#     kustomize base, each through kubernetes-validate --strict;
+#   - settings the chart must refuse (replicas without a shared root, a grace
+#     period shorter than the drain, unknown values) fail to render;
+#   - the chart's default render equals the kustomize base, and
+#     deploy/rbac/plugca-rbac.yaml equals the chart's base RBAC;
+#   - RBAC, flags and pod hardening per feature set (deploy/check-manifests.py).
+#
+# Needs helm ($HELM, else helm on PATH) and kubectl (kustomize). Installs
+# kubernetes-validate into target/deploy-venv when missing. Without helm or
+# kubernetes-validate it prints why and exits 0, except under CI=true.
+#
+#   HELM=$HOME/.cache/plugca-helm/helm deploy/check.sh
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+# Pinned: kubernetes-validate ships offline schemas up to v1.37; the chart
+# declares kubeVersion >=1.34, so validate against the oldest it supports.
+KV_VERSION=1.37.0
+KUBE_VERSION=${KUBE_VERSION:-1.34.0}
+VENV=target/deploy-venv
+CHART=deploy/charts/plugca
+RELEASE=plugca
+NAMESPACE=istio-system
+
+skip() {
+  if [[ ${CI:-} == true ]]; then
+    echo "deploy/check.sh: FAIL: $1 (CI=true: a missing tool is a failure)" >&2
+    exit 1
+  fi
+  echo "deploy/check.sh: SKIP: $1"
+  exit 0
+}
+
+HELM=${HELM:-$(command -v helm || true)}
+[[ -n $HELM && -x $HELM ]] || skip "helm not found (set HELM=/path/to/helm; build: GOBIN=\$HOME/.cache/plugca-helm go install helm.sh/helm/v3/cmd/helm@v3.22.0)"
+KUBECTL=${KUBECTL:-$(command -v kubectl || true)}
+[[ -n $KUBECTL ]] || skip "kubectl not found (needed for kubectl kustomize)"
+
+if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qF "$KV_VERSION"; then
+  echo "installing kubernetes-validate==$KV_VERSION into $VENV"
+  { python3 -m venv "$VENV" &&
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KV_VERSION"; } ||
+    skip "could not install kubernetes-validate==$KV_VERSION into $VENV"
+fi
+PY=$VENV/bin/python
+KV=$VENV/bin/kubernetes-validate
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+
+passed=0
+failed=0
+pass() { passed=$((passed + 1)); echo "PASS: $1"; }
+fail() { failed=$((failed + 1)); echo "FAIL: $1"; }
+
+# run NAME CMD...: one check, its output shown only on failure.
+run() {
+  local name=$1 log
+  shift
+  log=$OUT/log
+  if "$@" >"$log" 2>&1; then
+    pass "$name"
+  else
+    fail "$name"
+    sed 's/^/    /' "$log"
+  fi
+}
+
+# Like run, but keeps the output on success too (e.g. the check lines).
+run_verbose() {
+  local name=$1
+  shift
+  if "$@" 2>&1 | sed 's/^/    /'; then pass "$name"; else fail "$name"; fi
+}
+
+render() { # render OUTFILE [helm args...]
+  local out=$1
+  shift
+  "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >"$out"
+}
+
+kustomize() { "$KUBECTL" kustomize deploy/kubernetes >"$1"; }
+
+validate() { # validate FILE: kubernetes-validate --strict, CRDs tolerated
+  "$KV" --strict --quiet -k "$KUBE_VERSION" "$1"
+}
+
+# must_fail NAME PATTERN helm-args...: rendering fails with PATTERN in the error.
+must_fail() {
+  local name=$1 pattern=$2
+  shift 2
+  if render "$OUT/refused.yaml" "$@" >"$OUT/log" 2>&1; then
+    fail "$name (rendered instead of failing)"
+  elif grep -qF -- "$pattern" "$OUT/log"; then
+    pass "$name"
+  else
+    fail "$name (failed without \"$pattern\")"
+    sed 's/^/    /' "$OUT/log"
+  fi
+}
+
+echo "helm: $("$HELM" version --short), kubernetes-validate $KV_VERSION, schemas v$KUBE_VERSION"
+
+ALL=$CHART/ci/all-features-values.yaml
+MINIMAL=(--set replicaCount=1 --set app.tls.cacerts.secretName=
+  --set app.server.caTrustedNodeAccounts=null --set app.tls.istiodCertificateEnable=false
+  --set app.controller.rootConfigMap.enabled=false --set podDisruptionBudget.enabled=false)
+
+run "helm lint --strict (default values)" "$HELM" lint --strict "$CHART" --namespace "$NAMESPACE"
+run "helm lint --strict (every feature on)" "$HELM" lint --strict "$CHART" --namespace "$NAMESPACE" -f "$ALL"
+
+run "helm template (default values)" render "$OUT/default.yaml"
+run "helm template (every feature on)" render "$OUT/all.yaml" -f "$ALL"
+run "helm template (minimal: 1 replica, no cacerts, no controllers)" render "$OUT/minimal.yaml" "${MINIMAL[@]}"
+run "kubectl kustomize deploy/kubernetes" kustomize "$OUT/kustomize.yaml"
+
+for f in default all minimal kustomize; do
+  run "kubernetes-validate --strict -k $KUBE_VERSION ($f)" validate "$OUT/$f.yaml"
+done
+run "kubernetes-validate --strict -k $KUBE_VERSION (deploy/rbac/plugca-rbac.yaml)" validate deploy/rbac/plugca-rbac.yaml
+
+must_fail "refuses 2 replicas without cacerts or a shared self-signed root" \
+  "every replica would generate its own root" --set app.tls.cacerts.secretName=
+run "accepts 2 replicas without cacerts with a shared self-signed root" \
+  render "$OUT/shared-root.yaml" --set app.tls.cacerts.secretName= --set app.tls.selfSigned.secretName=plugca-root
+must_fail "refuses a grace period not longer than the drain timeout" \
+  "terminationGracePeriodSeconds (30) must be at least" --set terminationGracePeriodSeconds=30
+must_fail "values schema refuses an unknown value" \
+  "additional properties 'replicas' not allowed" --set replicas=3
+must_fail "values schema refuses a malformed trusted node account" \
+  "caTrustedNodeAccounts" --set 'app.server.caTrustedNodeAccounts[0]=ztunnel'
+
+run_verbose "chart (default values) == kustomize base" "$PY" deploy/check-manifests.py compare "$OUT/default.yaml" "$OUT/kustomize.yaml"
+run_verbose "deploy/rbac/plugca-rbac.yaml == chart's base RBAC" "$PY" deploy/check-manifests.py rbac-file deploy/rbac/plugca-rbac.yaml "$OUT/default.yaml"
+for f in default all minimal; do
+  run_verbose "features: $f" "$PY" deploy/check-manifests.py features "$f" "$OUT/$f.yaml"
+done
+run_verbose "flags exist in src/config.rs or are controller flags" "$PY" deploy/check-manifests.py flags "$OUT/all.yaml" src/config.rs
+
+echo "deploy/check.sh: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]
