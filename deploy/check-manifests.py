@@ -78,16 +78,16 @@ def container(deploy):
     return deploy["spec"]["template"]["spec"]["containers"][0]
 
 
-def diff(path, a, b, out):
-    """Paths where a and b differ."""
+def diff(path, a, b, out, other="kustomize"):
+    """Paths where the chart's a and the other's b differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            diff(f"{path}.{k}", a.get(k), b.get(k), out)
+            diff(f"{path}.{k}", a.get(k), b.get(k), out, other)
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
-            diff(f"{path}[{i}]", x, y, out)
+            diff(f"{path}[{i}]", x, y, out, other)
     elif a != b:
-        out.append(f"{path}: chart {a!r} != kustomize {b!r}")
+        out.append(f"{path}: chart {a!r} != {other} {b!r}")
     return out
 
 
@@ -121,7 +121,7 @@ def rbac_file(rbac_path, chart_path):
         if k not in chart:
             fail(f"{rbac_path}: {k} is not rendered by the chart")
             continue
-        d = diff(f"{k[0]}/{k[2]}", chart[k], obj, [])
+        d = diff(f"{k[0]}/{k[2]}", chart[k], obj, [], other="file")
         for line in d:
             fail(f"{rbac_path}: {line}")
         if not d:
@@ -156,6 +156,9 @@ def expect(cond, ok, bad):
 
 def features(which, path):
     docs = load(path)
+    if not any(d["kind"] == "Deployment" for d in docs):
+        fail(f"{which}: {path} has no Deployment")
+        return
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     dep = next(d for d in docs if d["kind"] == "Deployment")
     pod = dep["spec"]["template"]["spec"]
@@ -252,6 +255,15 @@ def features(which, path):
         expect(("ServiceMonitor", "plugca") in kinds and ("Role", "plugca-self-signed") in kinds,
                "all: ServiceMonitor and the self-signed Secret role",
                f"all: kinds are {sorted(kinds)}")
+        # No offline schema for the Prometheus operator's CRD: check what matters.
+        sm = next((d for d in docs if d["kind"] == "ServiceMonitor"), None)
+        svc = next(d for d in docs if d["kind"] == "Service")
+        if sm:
+            ep = sm["spec"]["endpoints"][0]
+            expect(ep["port"] in {p["name"] for p in svc["spec"]["ports"]} and ep["path"] == "/metrics"
+                   and sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items(),
+                   "all: ServiceMonitor scrapes the Service's http-monitoring port at /metrics",
+                   f"all: ServiceMonitor {sm['spec']} does not match Service {svc['spec']['ports']}")
         ns = {d["metadata"]["name"]: d["metadata"].get("namespace") for d in docs if d["kind"] == "Role"}
         expect(ns.get("plugca-istiod-tls") == "istio-control" and ns.get("plugca-leader-election") == "plugca-leases",
                "all: istiod-tls Role in istiod's namespace, Lease Role in the election namespace",
@@ -294,6 +306,9 @@ def known_flags(config_rs):
 
 def check_flags(path, config_rs):
     known = known_flags(config_rs)
+    if not any(d["kind"] == "Deployment" for d in load(path)):
+        fail(f"{path} has no Deployment")
+        return
     for d in load(path):
         if d["kind"] != "Deployment":
             continue
