@@ -19,10 +19,12 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-# Pinned: kubernetes-validate ships offline schemas up to v1.37; the chart
-# declares kubeVersion >=1.34, so validate against the oldest it supports.
+# Pinned: kubernetes-validate 1.37.0 ships offline schemas up to v1.37. The
+# chart declares kubeVersion >=1.34: render for the oldest version it
+# supports and validate against that and the newest schemas shipped.
 KV_VERSION=1.37.0
-KUBE_VERSION=${KUBE_VERSION:-1.34.0}
+KUBE_VERSION=1.34.0
+read -r -a VALIDATE_VERSIONS <<<"${VALIDATE_VERSIONS:-1.34.0 1.37.0}"
 VENV=target/deploy-venv
 CHART=deploy/charts/plugca
 RELEASE=plugca
@@ -87,9 +89,9 @@ render() { # render OUTFILE [helm args...]
 
 kustomize() { "$KUBECTL" kustomize deploy/kubernetes >"$1"; }
 
-validate() { # validate FILE: kubernetes-validate --strict (an empty file is a failure)
-  grep -q '^kind:' "$1" || { echo "$1: no objects"; return 1; }
-  "$KV" --strict --quiet -k "$KUBE_VERSION" "$1"
+validate() { # validate VERSION FILE: kubernetes-validate --strict (an empty file is a failure)
+  grep -q '^kind:' "$2" || { echo "$2: no objects"; return 1; }
+  "$KV" --strict --quiet -k "$1" "$2"
 }
 
 # must_fail NAME PATTERN helm-args...: rendering fails with PATTERN in the error.
@@ -106,7 +108,7 @@ must_fail() {
   fi
 }
 
-echo "helm: $("$HELM" version --short), kubernetes-validate $KV_VERSION, schemas v$KUBE_VERSION"
+echo "helm $("$HELM" version --short), kubernetes-validate $KV_VERSION, render for $KUBE_VERSION, schemas ${VALIDATE_VERSIONS[*]}"
 
 ALL=$CHART/ci/all-features-values.yaml
 MINIMAL=(--set replicaCount=1 --set app.tls.cacerts.secretName=
@@ -122,10 +124,12 @@ run "helm template (every feature on)" render "$OUT/all.yaml" -f "$ALL"
 run "helm template (minimal: 1 replica, no cacerts, no controllers)" render "$OUT/minimal.yaml" "${MINIMAL[@]}"
 run "kubectl kustomize deploy/kubernetes" kustomize "$OUT/kustomize.yaml"
 
-for f in default all minimal kustomize; do
-  run "kubernetes-validate --strict -k $KUBE_VERSION ($f)" validate "$OUT/$f.yaml"
+for v in "${VALIDATE_VERSIONS[@]}"; do
+  for f in default all minimal kustomize; do
+    run "kubernetes-validate --strict -k $v ($f)" validate "$v" "$OUT/$f.yaml"
+  done
+  run "kubernetes-validate --strict -k $v (deploy/rbac/plugca-rbac.yaml)" validate "$v" deploy/rbac/plugca-rbac.yaml
 done
-run "kubernetes-validate --strict -k $KUBE_VERSION (deploy/rbac/plugca-rbac.yaml)" validate deploy/rbac/plugca-rbac.yaml
 
 must_fail "refuses 2 replicas without cacerts or a shared self-signed root" \
   "every replica would generate its own root" --set app.tls.cacerts.secretName=
