@@ -202,15 +202,17 @@ def features(which, path):
            f"{which}: probes are {probes}")
     expect(("authentication.k8s.io", "tokenreviews", "create", "*") in base,
            f"{which}: TokenReview create", f"{which}: ClusterRole plugca lacks tokenreviews create")
-    # Nothing may ever read Secrets cluster-wide or delete anything.
+    # Nothing may read or delete what it does not own: no Secret or ConfigMap
+    # by wildcard name except create, no delete except by name, no wildcards.
     every = set()
     for d in docs:
         if d["kind"] in ("Role", "ClusterRole"):
             every |= {(d["kind"],) + g for g in flat_rules(d["rules"])}
     bad = sorted(g for g in every
-                 if (g[2] == "secrets" and g[3] in ("get", "list", "watch") and g[4] == "*")
-                 or g[3] in ("delete", "deletecollection", "*") or g[2] == "*")
-    expect(not bad, f"{which}: no Secret reads by wildcard, no delete, no wildcard resources",
+                 if (g[2] in ("secrets", "configmaps") and g[3] != "create" and g[4] == "*")
+                 or (g[3] in ("delete", "deletecollection") and g[4] == "*")
+                 or "*" in (g[1], g[2], g[3]))
+    expect(not bad, f"{which}: Secrets and ConfigMaps only by name (but create), no wildcards",
            f"{which}: over-broad grants: {bad}")
 
     vols = {v["name"]: v for v in pod["volumes"]}
@@ -233,15 +235,18 @@ def features(which, path):
                f"{which}: roles for the root ConfigMap, leader election and istiod-tls",
                f"{which}: roles are {sorted(roles)}")
         tls = flat_rules(rules(docs, "Role", "plugca-istiod-tls"))
-        expect(tls == {("", "secrets", v, "istiod-tls") for v in ("get", "update", "patch")}
+        expect(tls == {("", "secrets", v, "istiod-tls")
+                       for v in ("get", "list", "watch", "update", "patch", "delete")}
                | {("", "secrets", "create", "*")},
                f"{which}: Secret istiod-tls by name, plus create",
                f"{which}: istiod-tls Role grants {sorted(tls)}")
         cm = flat_rules(rules(docs, "ClusterRole", "plugca-root-configmap"))
-        expect(("", "configmaps", "update", "istio-ca-root-cert") in cm
-               and ("", "configmaps", "update", "*") not in cm
+        expect({g for g in cm if g[1] == "configmaps"}
+               == {("", "configmaps", v, "istio-ca-root-cert")
+                   for v in ("get", "list", "watch", "update", "patch")}
+               | {("", "configmaps", "create", "*")}
                and ("", "namespaces", "watch", "*") in cm,
-               f"{which}: ConfigMaps changed only by name, namespaces watched",
+               f"{which}: ConfigMaps only istio-ca-root-cert by name (plus create), namespaces watched",
                f"{which}: root-configmap ClusterRole grants {sorted(cm)}")
         for f in ("--root-configmap", "--istiod-tls-secret", "--leader-election-lease",
                   "--trusted-node-accounts", "--cacerts-dir"):
