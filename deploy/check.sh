@@ -147,7 +147,7 @@ run_verbose "deploy/rbac/plugca-rbac.yaml == chart's base RBAC" "$PY" deploy/che
 for f in default all minimal; do
   run_verbose "features: $f" "$PY" deploy/check-manifests.py features "$f" "$OUT/$f.yaml"
 done
-run_verbose "flags exist in src/config.rs or are controller flags" "$PY" deploy/check-manifests.py flags "$OUT/all.yaml" src/config.rs
+run_verbose "flags exist in src/ or are controller flags" "$PY" deploy/check-manifests.py flags "$OUT/all.yaml" src
 
 echo "deploy/check.sh: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]
