@@ -19,9 +19,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-# Pinned: kubernetes-validate 1.37.0 ships offline schemas up to v1.37. The
-# chart declares kubeVersion >=1.34: render for the oldest version it
-# supports and validate against that and the newest schemas shipped.
+# Pinned: kubernetes-validate 1.37.0 ships offline schemas up to v1.37.
+# Render for Kubernetes 1.34 (helm's own default is 1.20) and validate
+# against 1.34 and the newest schemas shipped.
 KV_VERSION=1.37.0
 KUBE_VERSION=1.34.0
 read -r -a VALIDATE_VERSIONS <<<"${VALIDATE_VERSIONS:-1.34.0 1.37.0}"
