@@ -6,6 +6,10 @@
       deploy/rbac/plugca-rbac.yaml equals the chart's base objects
   check-manifests.py features default|all|minimal RENDERED.yaml
       what each feature set renders: objects, RBAC rules, flags, pod spec
+  check-manifests.py istio ISTIOD.yaml ZTUNNEL.yaml CA_ADDRESS
+      Istio's own charts, rendered with the values of docs/istio-with-plugca.md,
+      point sidecars and ztunnel at plugca, turn istiod's CA off and mount
+      istiod-tls and istio-ca-root-cert
   check-manifests.py flags RENDERED.yaml SRC_DIR
       every flag passed is a clap `long` field in SRC_DIR or a known controller flag
 
@@ -339,6 +343,38 @@ def check_flags(path, src_dir):
         print(f"ok: every flag exists in {src_dir} ({len(known)} flags) or is a controller flag")
 
 
+def istio(istiod_path, ztunnel_path, ca_address):
+    istiod = load(istiod_path)
+    dep = next((d for d in istiod if d["kind"] == "Deployment" and d["metadata"]["name"] == "istiod"), None)
+    if dep is None:
+        fail(f"{istiod_path}: no Deployment istiod")
+        return
+    pod = dep["spec"]["template"]["spec"]
+    disc = next(c for c in pod["containers"] if c["name"] == "discovery")
+    env = {e["name"]: e.get("value") for e in disc.get("env", [])}
+    expect(env.get("ENABLE_CA_SERVER") == "false", "istiod: ENABLE_CA_SERVER=false",
+           f"istiod: ENABLE_CA_SERVER is {env.get('ENABLE_CA_SERVER')!r}")
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in disc["volumeMounts"]}
+    tls = vols.get(mounts.get("/var/run/secrets/istiod/tls"), {}).get("secret", {}).get("secretName")
+    ca = vols.get(mounts.get("/var/run/secrets/istiod/ca"), {}).get("configMap", {}).get("name")
+    expect(tls == "istiod-tls" and ca == "istio-ca-root-cert",
+           "istiod: mounts Secret istiod-tls and ConfigMap istio-ca-root-cert for its serving certificate",
+           f"istiod: serving certificate volumes are {tls!r} and {ca!r}")
+    injector = next((d for d in istiod if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "istio-sidecar-injector"), None)
+    values = (injector or {}).get("data", {}).get("values", "{}")
+    got = yaml.safe_load(values).get("global", {}).get("caAddress")
+    expect(got == ca_address, f"injector: values global.caAddress={ca_address} (the template's CA_ADDR)",
+           f"injector: global.caAddress is {got!r}")
+    ds = next((d for d in load(ztunnel_path) if d["kind"] == "DaemonSet"), None)
+    if ds is None:
+        fail(f"{ztunnel_path}: no DaemonSet")
+        return
+    zenv = {e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    expect(zenv.get("CA_ADDRESS") == ca_address, f"ztunnel: CA_ADDRESS={ca_address}",
+           f"ztunnel: CA_ADDRESS is {zenv.get('CA_ADDRESS')!r}")
+
+
 def main(argv):
     cmd = argv[1]
     if cmd == "compare":
@@ -347,6 +383,8 @@ def main(argv):
         rbac_file(argv[2], argv[3])
     elif cmd == "features":
         features(argv[2], argv[3])
+    elif cmd == "istio":
+        istio(argv[2], argv[3], argv[4])
     elif cmd == "flags":
         check_flags(argv[2], argv[3])
     else:
