@@ -51,6 +51,7 @@ if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qF "$KV_VERSI
     skip "could not install kubernetes-validate==$KV_VERSION into $VENV"
 fi
 PY=$VENV/bin/python
+export PYTHONDONTWRITEBYTECODE=1
 KV=$VENV/bin/kubernetes-validate
 
 OUT=$(mktemp -d)
