@@ -248,7 +248,7 @@ fn oid_text(tlv: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-sample-certs");
+    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio-sample-certs");
 
     fn sample(name: &str) -> String {
         std::fs::read_to_string(format!("{SAMPLES}/{name}")).unwrap()
