@@ -3,7 +3,8 @@
 //! # Layout
 //! The modules follow a request's path:
 //! - [`config`]: command-line flags and environment to a typed [`config::Config`].
-//! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing.
+//! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing,
+//!   and [`ca::Current`], the bundle serving now.
 //! - [`authn`]: who the caller is ([`authn::Caller`]), one module per authenticator.
 //! - [`impersonation`]: who may ask for another workload's certificate (ztunnel).
 //! - [`kubernetes`]: API clients per cluster (TokenReview, pod watch).

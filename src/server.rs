@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -16,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::authn::trusted_csr::{self, TrustedCsrError};
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, RequestContext};
-use crate::ca::CaBundle;
+use crate::ca::Current;
 use crate::csr::{CsrError, VerifiedCsr};
 use crate::fault::{Fault, Faults, LeafFaults};
 use crate::identity::TrustDomain;
@@ -37,28 +36,6 @@ pub const MSG_AUTHN_UNAVAILABLE: &str = "request authentication is temporarily u
 pub const MSG_IMPERSONATION_FAILURE: &str = "request impersonation authentication failure";
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
-/// The CA currently serving; `None` until a bundle is loaded. Swapped whole on reload.
-#[derive(Debug, Default)]
-pub struct CaState {
-    bundle: ArcSwapOption<CaBundle>,
-}
-
-impl CaState {
-    pub fn new(bundle: Option<CaBundle>) -> Self {
-        CaState {
-            bundle: ArcSwapOption::from(bundle.map(Arc::new)),
-        }
-    }
-
-    pub fn current(&self) -> Option<Arc<CaBundle>> {
-        self.bundle.load_full()
-    }
-
-    pub fn replace(&self, bundle: CaBundle) {
-        self.bundle.store(Some(Arc::new(bundle)));
-    }
-}
-
 /// Everything the handler needs; built once by the app.
 pub struct ServiceConfig {
     pub authenticators: Authenticators,
@@ -77,7 +54,7 @@ pub struct CertificateService {
 }
 
 struct Inner {
-    ca: Arc<CaState>,
+    ca: Arc<Current>,
     config: ServiceConfig,
     metrics: Arc<Metrics>,
     limiter: Arc<Semaphore>,
@@ -245,7 +222,7 @@ impl ServiceError {
 
 impl CertificateService {
     pub fn new(
-        ca: Arc<CaState>,
+        ca: Arc<Current>,
         config: ServiceConfig,
         metrics: Arc<Metrics>,
         faults: Option<Arc<Faults>>,
