@@ -133,14 +133,13 @@ pub fn issue_with_faults(
     // Istio: CN = the first identity when the CSR asked for a CN, if it fits.
     let common_name = csr
         .has_common_name()
-        .then(|| caller.identities().first())
+        .then(|| caller.identities().first().map(ToString::to_string))
         .flatten()
-        .map(String::as_str)
         .filter(|cn| cn.len() <= MAX_CN_LEN);
     let leaf = bundle.signer().issue(&LeafSpec {
         public_key,
         sans: &sans,
-        common_name,
+        common_name: common_name.as_deref(),
         not_before,
         not_after,
     })?;

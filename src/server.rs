@@ -422,7 +422,7 @@ impl Audit {
     fn identity(&self) -> String {
         self.caller
             .as_ref()
-            .map_or_else(|| "-".into(), |c| c.identities().join(","))
+            .map_or_else(|| "-".into(), Caller::identity_list)
     }
 
     fn authn(&self) -> &str {
