@@ -7,7 +7,6 @@ use time::OffsetDateTime;
 
 use crate::asn1::GeneralName;
 use crate::authn::Caller;
-use crate::ca::signer::MAX_CN_LEN;
 use crate::ca::{CaBundle, IssuedLeaf, LeafSpec, SignError};
 use crate::csr::VerifiedCsr;
 use crate::duration::format_go;
@@ -121,35 +120,23 @@ pub fn issue_with_faults(
     if faults.not_yet_valid {
         (not_before, not_after) = (not_before + hour, not_after + hour);
     }
+    let spec = LeafSpec::workload(caller, csr, (not_before, not_after));
     let stranger;
-    let public_key: &dyn rcgen::PublicKeyData = if faults.wrong_key {
+    let spec = if faults.wrong_key {
         stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IssueError::Sign(SignError::Rcgen(e.to_string())))?;
-        &stranger
+        spec.with_foreign_key(&stranger)
     } else {
-        csr.public_key()
+        spec
     };
-    let sans = caller.sans();
-    // Istio: CN = the first identity when the CSR asked for a CN, if it fits.
-    let common_name = csr
-        .has_common_name()
-        .then(|| caller.identities().first().map(ToString::to_string))
-        .flatten()
-        .filter(|cn| cn.len() <= MAX_CN_LEN);
-    let leaf = bundle.signer().issue(&LeafSpec {
-        public_key,
-        sans: &sans,
-        common_name: common_name.as_deref(),
-        not_before,
-        not_after,
-    })?;
+    let leaf = bundle.signer().issue(&spec)?;
     let mut cert_chain = Vec::with_capacity(1 + bundle.response_tail().len());
     cert_chain.push(leaf.pem.clone());
     cert_chain.extend(bundle.response_tail().iter().cloned());
     Ok(Issued {
         leaf,
         cert_chain,
-        sans,
+        sans: spec.sans().to_vec(),
         not_before,
         not_after,
     })
