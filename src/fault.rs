@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::duration;
+use crate::issuance::LeafOverrides;
 
 /// One way to misbehave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,29 +134,19 @@ impl Faults {
     }
 }
 
-/// Leaf-shaping faults, resolved for one request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LeafFaults {
-    pub expired: bool,
-    pub not_yet_valid: bool,
-    pub ttl: Option<Duration>,
-    pub wrong_key: bool,
-}
-
-impl LeafFaults {
-    pub fn from_faults(faults: &[Fault]) -> Self {
-        let mut lf = LeafFaults::default();
-        for f in faults {
-            match f {
-                Fault::Expired => lf.expired = true,
-                Fault::NotYetValid => lf.not_yet_valid = true,
-                Fault::ShortTtl(d) => lf.ttl = Some(*d),
-                Fault::WrongKey => lf.wrong_key = true,
-                Fault::Refuse { .. } | Fault::EmptyChain | Fault::LeafOnly | Fault::Latency(_) => {}
-            }
+/// The leaf-shaping faults of one request, as plain data for issuance.
+pub fn leaf_overrides(faults: &[Fault]) -> LeafOverrides {
+    let mut o = LeafOverrides::NONE;
+    for f in faults {
+        match f {
+            Fault::Expired => o.expired = true,
+            Fault::NotYetValid => o.not_yet_valid = true,
+            Fault::ShortTtl(d) => o.lifetime = Some(*d),
+            Fault::WrongKey => o.wrong_key = true,
+            Fault::Refuse { .. } | Fault::EmptyChain | Fault::LeafOnly | Fault::Latency(_) => {}
         }
-        lf
     }
+    o
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::authn::trusted_csr::{self, TrustedCsrError};
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, RequestContext};
 use crate::ca::Current;
 use crate::csr::{CsrError, VerifiedCsr};
-use crate::fault::{Fault, Faults, LeafFaults};
+use crate::fault::{self, Fault, Faults};
 use crate::identity::TrustDomain;
 use crate::impersonation::{Impersonation, ImpersonationError};
 use crate::issuance::{self, IssueError, Issued, TtlPolicy};
@@ -309,7 +309,7 @@ impl CertificateService {
         let requested_ttl = body.validity_duration;
         let lab_mode = inner.config.lab_mode.clone();
         let policy = inner.config.ttl;
-        let leaf_faults = LeafFaults::from_faults(faults);
+        let leaf = fault::leaf_overrides(faults);
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut caller = header_caller;
@@ -325,14 +325,14 @@ impl CertificateService {
                 let who = caller
                     .as_ref()
                     .ok_or(ServiceError::Unauthenticated(Vec::new()))?;
-                let issued = issuance::issue_with_faults(
+                let issued = issuance::issue(
                     &bundle,
                     who,
                     &csr,
                     requested_ttl,
                     &policy,
+                    &leaf,
                     OffsetDateTime::now_utc(),
-                    &leaf_faults,
                 )
                 .map_err(ServiceError::Issue)?;
                 Ok((issued, csr.key_kind()))
