@@ -5,6 +5,8 @@
 //! impersonation -> wait for a signing slot -> (off the reactor) parse CSR,
 //! check TTL, sign -> assemble the chain -> count the outcome.
 
+pub mod error;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,27 +15,21 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::authn::trusted_csr::{self, TrustedCsrError};
+use crate::authn::trusted_csr;
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, RequestContext};
 use crate::ca::Current;
-use crate::csr::{CsrError, VerifiedCsr};
+use crate::csr::VerifiedCsr;
 use crate::fault::{self, Fault, Faults};
 use crate::identity::TrustDomain;
-use crate::impersonation::{Impersonation, ImpersonationError};
-use crate::issuance::{self, IssueError, Issued, TtlPolicy};
-use crate::metrics::{
-    IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels, SignErrorType,
-};
+use crate::impersonation::Impersonation;
+use crate::issuance::{self, Issued, TtlPolicy};
+use crate::metrics::{IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels};
 use crate::pb::istio_certificate_service_server::IstioCertificateService;
 use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
+pub use error::{
+    MSG_AUTHN_FAILURE, MSG_AUTHN_UNAVAILABLE, MSG_IMPERSONATION_FAILURE, ServiceError,
+};
 
-/// istiod's opaque authentication failure message.
-pub const MSG_AUTHN_FAILURE: &str = "request authenticate failure";
-/// When an authenticator's backend (API server, JWKS endpoint) did not
-/// answer; UNAVAILABLE makes istio-agent and ztunnel retry.
-pub const MSG_AUTHN_UNAVAILABLE: &str = "request authentication is temporarily unavailable";
-/// istiod's opaque impersonation failure message.
-pub const MSG_IMPERSONATION_FAILURE: &str = "request impersonation authentication failure";
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
 /// Everything the handler needs; built once by the app.
@@ -101,122 +97,6 @@ impl IssuedLog {
             .iter()
             .cloned()
             .collect()
-    }
-}
-
-/// Every way a request can fail, one variant per reason.
-#[derive(Debug)]
-pub enum ServiceError {
-    Unauthenticated(Vec<AuthnError>),
-    /// An authenticator's backend (API server, JWKS endpoint) did not answer.
-    AuthnUnavailable(Vec<AuthnError>),
-    LabModeIdentity(TrustedCsrError),
-    Impersonation(ImpersonationError),
-    CaNotReady,
-    Csr(CsrError),
-    Issue(IssueError),
-    Overloaded {
-        waited: Duration,
-    },
-    WorkerFailed(String),
-    /// A fault injected on purpose (test harnesses).
-    Injected(Status),
-}
-
-impl ServiceError {
-    /// The one error-to-status mapping. Authentication details stay in the log.
-    pub fn to_status(&self) -> Status {
-        match self {
-            ServiceError::Unauthenticated(_) | ServiceError::LabModeIdentity(_) => {
-                Status::unauthenticated(MSG_AUTHN_FAILURE)
-            }
-            ServiceError::AuthnUnavailable(_) => Status::unavailable(MSG_AUTHN_UNAVAILABLE),
-            ServiceError::Impersonation(e) if e.is_transient() => {
-                Status::unavailable(MSG_AUTHN_UNAVAILABLE)
-            }
-            ServiceError::Impersonation(_) => Status::unauthenticated(MSG_IMPERSONATION_FAILURE),
-            ServiceError::CaNotReady => {
-                Status::internal("CSR signing error (Istio CA is not ready)")
-            }
-            ServiceError::Csr(e) => Status::invalid_argument(format!("CSR signing error ({e})")),
-            ServiceError::Issue(e @ IssueError::Ttl { .. }) => {
-                Status::invalid_argument(format!("CSR signing error ({e})"))
-            }
-            ServiceError::Issue(e @ (IssueError::SignerExpired { .. } | IssueError::Sign(_))) => {
-                Status::internal(format!("CSR signing error ({e})"))
-            }
-            ServiceError::Overloaded { waited } => Status::resource_exhausted(format!(
-                "CA is at its concurrent signing limit; waited {} ms, retry later",
-                waited.as_millis()
-            )),
-            ServiceError::WorkerFailed(_) => Status::internal("CSR signing error (internal error)"),
-            ServiceError::Injected(status) => status.clone(),
-        }
-    }
-
-    /// istiod's `citadel_server_csr_sign_err_count` label, for signing-stage errors.
-    fn sign_error_type(&self) -> Option<SignErrorType> {
-        match self {
-            ServiceError::Unauthenticated(_)
-            | ServiceError::AuthnUnavailable(_)
-            | ServiceError::LabModeIdentity(_)
-            | ServiceError::Impersonation(_)
-            | ServiceError::Overloaded { .. }
-            | ServiceError::Injected(_) => None,
-            ServiceError::CaNotReady => Some(SignErrorType::CA_NOT_READY),
-            ServiceError::Csr(_) => Some(SignErrorType::CSR_ERROR),
-            ServiceError::Issue(IssueError::Ttl { .. }) => Some(SignErrorType::TTL_ERROR),
-            ServiceError::Issue(IssueError::SignerExpired { .. } | IssueError::Sign(_)) => {
-                Some(SignErrorType::CERT_GEN_ERROR)
-            }
-            ServiceError::WorkerFailed(_) => Some(SignErrorType::UNKNOWN),
-        }
-    }
-
-    fn outcome(&self) -> Outcome {
-        match self.to_status().code() {
-            tonic::Code::Unauthenticated => Outcome::unauthenticated,
-            tonic::Code::InvalidArgument => Outcome::invalid_argument,
-            tonic::Code::ResourceExhausted => Outcome::overloaded,
-            tonic::Code::Unavailable => Outcome::unavailable,
-            _ => Outcome::internal,
-        }
-    }
-
-    fn is_authn_failure(&self) -> bool {
-        matches!(
-            self,
-            ServiceError::Unauthenticated(_)
-                | ServiceError::AuthnUnavailable(_)
-                | ServiceError::LabModeIdentity(_)
-                | ServiceError::Impersonation(_)
-        )
-    }
-
-    /// The full reason, for the log.
-    fn reason(&self) -> String {
-        match self {
-            ServiceError::Unauthenticated(failures) if failures.is_empty() => {
-                "no credentials: no client certificate, no bearer token, and lab mode is off".into()
-            }
-            ServiceError::Unauthenticated(failures) | ServiceError::AuthnUnavailable(failures) => {
-                failures
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            }
-            ServiceError::LabModeIdentity(e) => e.to_string(),
-            ServiceError::Impersonation(e) => e.to_string(),
-            ServiceError::CaNotReady => "no CA bundle is loaded".into(),
-            ServiceError::Csr(e) => e.to_string(),
-            ServiceError::Issue(e) => e.to_string(),
-            ServiceError::Overloaded { waited } => {
-                format!("no signing slot within {} ms", waited.as_millis())
-            }
-            ServiceError::WorkerFailed(e) => e.clone(),
-            ServiceError::Injected(status) => format!("injected fault: {status:?}"),
-        }
     }
 }
 
@@ -366,10 +246,11 @@ impl CertificateService {
 
     fn record_failure(&self, error: &ServiceError, audit: &Audit) {
         let m = &self.inner.metrics;
-        if error.is_authn_failure() {
+        let class = error.classify();
+        if class.authn_failure {
             m.authentication_failure_count.inc();
         }
-        if let Some(kind) = error.sign_error_type() {
+        if let Some(kind) = class.sign_error {
             m.csr_sign_err_count
                 .get_or_create(&SignErrorLabels { error: kind })
                 .inc();
@@ -380,7 +261,7 @@ impl CertificateService {
         warn!(
             target: "plugca::audit",
             outcome = "refused",
-            code = ?error.to_status().code(),
+            code = ?class.status.code(),
             reason = %error.reason(),
             identity = %audit.identity(),
             authn = %audit.authn(),
@@ -493,11 +374,11 @@ impl IstioCertificateService for CertificateService {
             Err(error) => {
                 m.request_duration
                     .get_or_create(&OutcomeLabels {
-                        outcome: error.outcome(),
+                        outcome: error.classify().outcome,
                     })
                     .observe(elapsed);
                 self.record_failure(&error, &audit);
-                Err(error.to_status())
+                Err(error.classify().status)
             }
         }
     }
