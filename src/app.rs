@@ -21,7 +21,6 @@ use crate::ca::Current;
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
 use crate::config::Config;
-use crate::fault::Faults;
 use crate::impersonation::Impersonation;
 use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
 use crate::impersonation::policy::{Policy, PolicyError};
@@ -31,7 +30,8 @@ use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
 use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::reload::{ReloadError, Reloader};
-use crate::server::{CertificateService, IssuedLog, ServiceConfig};
+use crate::server::harness::{Faults, IssuedLog};
+use crate::server::{CertificateService, ServiceConfig};
 use crate::tls::{self, TlsError};
 
 /// Largest gRPC message accepted (a CSR is a few KiB; istiod allows 4 MiB).

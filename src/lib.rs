@@ -10,7 +10,8 @@
 //! - [`kubernetes`]: API clients per cluster (TokenReview, pod watch).
 //! - [`csr`]: untrusted CSR bytes to a [`csr::VerifiedCsr`].
 //! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
-//! - [`server`]: the gRPC service and the one error-to-status mapping.
+//! - [`server`]: the gRPC handler; `server::error` maps errors to statuses in one place,
+//!   `server::harness` is fault injection and the issued log (test harnesses only).
 //! - [`tls`]: the serving certificate and the TLS listener.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
 //! - [`app`]: binds the listeners and runs everything.
@@ -29,7 +30,6 @@ pub mod client;
 pub mod config;
 pub mod csr;
 pub mod duration;
-pub mod fault;
 pub mod fsutil;
 pub mod identity;
 pub mod impersonation;

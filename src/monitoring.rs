@@ -13,9 +13,8 @@ use axum::routing::{get, post};
 use time::OffsetDateTime;
 
 use crate::ca::Current;
-use crate::fault::{Fault, Faults};
 use crate::metrics::Metrics;
-use crate::server::IssuedLog;
+use crate::server::harness::{Fault, Faults, IssuedLog};
 
 #[derive(Clone)]
 pub struct MonitoringState {

@@ -27,10 +27,9 @@ use crate::app::{App, AppError};
 use crate::ca::Current;
 use crate::cli::{Cli, Command};
 use crate::client::{self, ClientError, Connection};
-use crate::fault::Faults;
 use crate::metrics::Metrics;
 use crate::pb::istio_certificate_service_client::IstioCertificateServiceClient;
-use crate::server::{IssuedLog, IssuedRecord};
+use crate::server::harness::{Faults, IssuedLog, IssuedRecord};
 
 /// Issuer of the tokens [`TestCa::mint_token`] makes.
 pub const TEST_JWT_ISSUER: &str = "https://plugca.test";
