@@ -17,10 +17,10 @@ use crate::authn::jwt::{JwksError, JwtAuthenticator, KeySource as _};
 use crate::authn::kube::KubeJwtAuthenticator;
 use crate::authn::xfcc::XfccAuthenticator;
 use crate::authn::{Authenticator, Authenticators};
+use crate::ca::Current;
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
 use crate::config::Config;
-use crate::fault::Faults;
 use crate::impersonation::Impersonation;
 use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
 use crate::impersonation::policy::{Policy, PolicyError};
@@ -30,7 +30,8 @@ use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
 use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::reload::{ReloadError, Reloader};
-use crate::server::{CaState, CertificateService, IssuedLog, ServiceConfig};
+use crate::server::harness::{Faults, IssuedLog};
+use crate::server::{CertificateService, ServiceConfig};
 use crate::tls::{self, TlsError};
 
 /// Largest gRPC message accepted (a CSR is a few KiB; istiod allows 4 MiB).
@@ -70,7 +71,7 @@ pub struct App {
     monitoring_listener: TcpListener,
     service: CertificateService,
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
-    ca: Arc<CaState>,
+    ca: Arc<Current>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     faults: Option<Arc<Faults>>,
@@ -108,7 +109,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let dns_names = tls::serving_dns_names(&config.server_dns_names);
         let tls_config = Arc::new(ArcSwap::new(tls::server_config(&bundle, &dns_names)?));
-        let ca = Arc::new(CaState::new(Some(bundle)));
+        let ca = Arc::new(Current::new(Some(bundle)));
         let reloader = Arc::new(Reloader::new(
             config.cacerts_dir.clone(),
             ca.clone(),
@@ -264,7 +265,7 @@ impl App {
             .expect("a bound listener has a local address")
     }
 
-    pub fn ca(&self) -> Arc<CaState> {
+    pub fn ca(&self) -> Arc<Current> {
         self.ca.clone()
     }
 

@@ -1,7 +1,9 @@
 //! Who is calling: a [`Caller`] can only be built by an authenticator. Each
 //! authenticator is its own module behind the [`Authenticator`] trait and runs
 //! in istiod's order (client certificate first); the first success wins.
+//! [`Caller`] and [`Claimant`] (in `caller.rs`) need no tonic, so the signer can take them.
 
+mod caller;
 pub mod client_cert;
 pub mod jwks;
 pub mod jwt;
@@ -15,8 +17,7 @@ use std::net::SocketAddr;
 use rustls_pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
 
-use crate::asn1::GeneralName;
-use crate::metrics::AuthnKind;
+pub use caller::{BoundPod, Caller, Claimant, ServiceAccount};
 
 /// What an authenticator may look at. Never logged: it holds tokens.
 pub struct RequestContext<'a> {
@@ -24,103 +25,6 @@ pub struct RequestContext<'a> {
     /// The verified client chain, leaf first, when the peer sent one.
     pub peer_certs: Option<&'a [CertificateDer<'static>]>,
     pub remote_addr: Option<SocketAddr>,
-}
-
-/// An authenticated caller and the identities it proved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    identities: Vec<String>,
-    kind: AuthnKind,
-    /// A short, non-secret description of the proof (issuer, cert serial) for logs.
-    detail: String,
-    service_account: Option<ServiceAccount>,
-}
-
-/// The Kubernetes service account a token proved, which impersonation needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceAccount {
-    pub namespace: String,
-    pub name: String,
-    /// The pod a bound token belongs to (Kubernetes TokenReview only).
-    pub pod: Option<BoundPod>,
-    /// The cluster whose API server reviewed the token (Kubernetes only).
-    pub cluster_id: Option<String>,
-}
-
-/// Pod name and UID from a bound service-account token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BoundPod {
-    pub name: String,
-    pub uid: String,
-}
-
-impl Caller {
-    /// Only authenticators build callers.
-    pub(crate) fn new(identities: Vec<String>, kind: AuthnKind, detail: String) -> Self {
-        Caller {
-            identities,
-            kind,
-            detail,
-            service_account: None,
-        }
-    }
-
-    /// Adds what a service-account token proved.
-    pub(crate) fn with_service_account(self, service_account: ServiceAccount) -> Self {
-        Caller {
-            service_account: Some(service_account),
-            ..self
-        }
-    }
-
-    /// The caller a certificate for `target` is issued to once impersonation is
-    /// authorized: exactly that identity, no service account (so it cannot be
-    /// impersonated further), and the real caller in the detail for the audit.
-    pub(crate) fn impersonating(&self, target: &crate::identity::SpiffeId) -> Self {
-        Caller {
-            identities: vec![target.to_string()],
-            kind: self.kind,
-            detail: format!(
-                "impersonation by {} ({})",
-                self.identities.join(","),
-                self.detail
-            ),
-            service_account: None,
-        }
-    }
-
-    pub fn service_account(&self) -> Option<&ServiceAccount> {
-        self.service_account.as_ref()
-    }
-
-    pub fn identities(&self) -> &[String] {
-        &self.identities
-    }
-
-    pub fn kind(&self) -> AuthnKind {
-        self.kind
-    }
-
-    pub fn detail(&self) -> &str {
-        &self.detail
-    }
-
-    /// The SANs the leaf gets, in istiod's mapping: IP literal -> iPAddress,
-    /// `spiffe://` -> URI, anything else -> dNSName.
-    pub fn sans(&self) -> Vec<GeneralName> {
-        self.identities
-            .iter()
-            .map(|id| {
-                if let Ok(ip) = id.parse() {
-                    GeneralName::Ip(ip)
-                } else if id.starts_with("spiffe://") {
-                    GeneralName::Uri(id.clone())
-                } else {
-                    GeneralName::Dns(id.clone())
-                }
-            })
-            .collect()
-    }
 }
 
 /// Why an authenticator refused. Logged, never sent to the client.
@@ -192,7 +96,7 @@ impl Authenticators {
         let mut failures = Vec::new();
         for a in &self.chain {
             match a.authenticate(ctx).await {
-                Ok(Some(caller)) if !caller.identities.is_empty() => {
+                Ok(Some(caller)) if !caller.identities().is_empty() => {
                     return AuthnOutcome::Authenticated(caller);
                 }
                 Ok(_) => {}

@@ -863,8 +863,16 @@ fn one_cycle(
 ) -> Result<usize, &'static str> {
     let csr = VerifiedCsr::parse(csr_text).map_err(|_| "csr")?;
     let caller = trusted_csr::caller_from_csr(&csr, td).map_err(|_| "identity")?;
-    let issued = issuance::issue(bundle, &caller, &csr, 0, policy, OffsetDateTime::now_utc())
-        .map_err(|_| "issue")?;
+    let issued = issuance::issue(
+        bundle,
+        &caller,
+        &csr,
+        0,
+        policy,
+        &issuance::LeafOverrides::NONE,
+        OffsetDateTime::now_utc(),
+    )
+    .map_err(|_| "issue")?;
     Ok(issued.cert_chain.len())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod cert;
+pub mod current;
 pub mod diagnose;
 pub mod generate;
 pub mod keys;
@@ -11,4 +12,5 @@ pub mod selfsigned;
 pub mod signer;
 
 pub use bundle::{BundleError, CaBundle, Layout};
+pub use current::Current;
 pub use signer::{IssuedLeaf, LeafSpec, SignError, Signer};

@@ -11,10 +11,10 @@ use crate::authn::jwks::JwtRule;
 use crate::authn::xfcc::Cidr;
 use crate::ca::generate::KeyChoice;
 use crate::duration;
-use crate::fault::Fault;
 use crate::identity::TrustDomain;
 use crate::impersonation::NodeAccount;
 use crate::kubernetes::{KubeSource, KubernetesConfig};
+use crate::server::harness::Fault;
 
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";

@@ -1,7 +1,9 @@
-//! SPIFFE identities as the CA issues them: a strict [`TrustDomain`] and
-//! [`SpiffeId`], plus Istio's `spiffe://<td>/ns/<ns>/sa/<sa>` workload form.
+//! Identities as the CA issues them: a strict [`TrustDomain`] and [`SpiffeId`],
+//! plus Istio's `spiffe://<td>/ns/<ns>/sa/<sa>` workload form, and the
+//! [`Identity`] a caller proves, one variant per SAN kind it is issued as.
 
 use std::fmt;
+use std::net::IpAddr;
 
 /// Longest SPIFFE ID accepted (the SPIFFE spec's limit).
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
@@ -33,6 +35,84 @@ pub enum IdentityError {
     NoPath(String),
     #[error("{0:?} is not a valid Kubernetes {1} name")]
     KubernetesName(String, &'static str),
+    #[error("{0:?} is not a DNS name")]
+    DnsName(String),
+}
+
+/// One identity a caller proved, as the SAN kind the leaf carries it as.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    Spiffe(SpiffeId),
+    Dns(DnsName),
+    Ip(IpAddr),
+}
+
+impl Identity {
+    /// istiod's mapping of identity text: `spiffe://` -> SPIFFE ID (strict),
+    /// IP literal -> IP address, anything else -> DNS name.
+    pub fn parse(input: &str) -> Result<Self, IdentityError> {
+        if input.starts_with(SCHEME) {
+            return SpiffeId::parse(input).map(Identity::Spiffe);
+        }
+        if let Ok(ip) = input.parse() {
+            return Ok(Identity::Ip(ip));
+        }
+        DnsName::parse(input).map(Identity::Dns)
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Spiffe(id) => id.fmt(f),
+            Identity::Dns(name) => name.fmt(f),
+            Identity::Ip(ip) => ip.fmt(f),
+        }
+    }
+}
+
+impl PartialEq<&str> for Identity {
+    fn eq(&self, other: &&str) -> bool {
+        match self {
+            Identity::Spiffe(id) => id.as_str() == *other,
+            Identity::Dns(name) => name.as_str() == *other,
+            Identity::Ip(ip) => other.parse() == Ok(*ip),
+        }
+    }
+}
+
+/// A DNS name (wildcard labels allowed), as a gateway forwards it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsName(String);
+
+impl DnsName {
+    pub fn parse(input: &str) -> Result<Self, IdentityError> {
+        let ok = input.len() <= 253
+            && input.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if ok {
+            Ok(DnsName(input.to_string()))
+        } else {
+            Err(IdentityError::DnsName(input.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// A trust domain, normalised as Istio does (`@` becomes `.`).
@@ -226,6 +306,25 @@ mod tests {
             SpiffeId::parse(&format!("spiffe://td/{}", "a".repeat(3000))),
             Err(IdentityError::TooLong)
         );
+    }
+
+    #[test]
+    fn identity_text_maps_to_the_san_kind_istiod_uses() {
+        assert!(matches!(
+            Identity::parse("spiffe://td/ns/a/sa/b"),
+            Ok(Identity::Spiffe(_))
+        ));
+        assert_eq!(
+            Identity::parse("10.0.0.1"),
+            Ok(Identity::Ip(IpAddr::from([10, 0, 0, 1])))
+        );
+        assert!(matches!(
+            Identity::parse("*.example.com"),
+            Ok(Identity::Dns(_))
+        ));
+        for bad in ["spiffe://td", "a..b", "-a.b", "a b", "https://x/y", ""] {
+            assert!(Identity::parse(bad).is_err(), "{bad} should be refused");
+        }
     }
 
     #[test]

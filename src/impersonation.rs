@@ -168,7 +168,7 @@ impl Impersonation {
                 how: "lab mode: identity taken from the CSR".into(),
             });
         };
-        let who = caller.identities().join(",");
+        let who = caller.identity_list();
         let Some(sa) = caller.service_account() else {
             return Err(ImpersonationError::NoServiceAccountProof {
                 caller: who,
@@ -251,13 +251,16 @@ mod tests {
     const ZTUNNEL: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
 
     fn ztunnel_caller() -> Caller {
-        Caller::new(vec![ZTUNNEL.into()], AuthnKind::jwt, "JWT".into()).with_service_account(
-            ServiceAccount {
+        Caller::for_tests(
+            &[ZTUNNEL],
+            AuthnKind::jwt,
+            "JWT",
+            Some(ServiceAccount {
                 namespace: "istio-system".into(),
                 name: "ztunnel".into(),
                 pod: None,
                 cluster_id: None,
-            },
+            }),
         )
     }
 
@@ -332,17 +335,17 @@ mod tests {
     #[test]
     fn an_untrusted_caller_is_refused_before_the_target_is_read() {
         let imp = with_policy("[]");
-        let other = Caller::new(
-            vec!["spiffe://cluster.local/ns/default/sa/sleep".into()],
+        let other = Caller::for_tests(
+            &["spiffe://cluster.local/ns/default/sa/sleep"],
             AuthnKind::jwt,
-            "JWT".into(),
-        )
-        .with_service_account(ServiceAccount {
-            namespace: "default".into(),
-            name: "sleep".into(),
-            pod: None,
-            cluster_id: None,
-        });
+            "JWT",
+            Some(ServiceAccount {
+                namespace: "default".into(),
+                name: "sleep".into(),
+                pod: None,
+                cluster_id: None,
+            }),
+        );
         let e = imp.authorize(Some(&other), "junk").unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -353,10 +356,11 @@ mod tests {
     #[test]
     fn callers_without_a_service_account_proof_cannot_impersonate() {
         let imp = with_policy(r#"[{"caller":"istio-system/ztunnel","may_impersonate":["*/*"]}]"#);
-        let cert = Caller::new(
-            vec![ZTUNNEL.into()],
+        let cert = Caller::for_tests(
+            &[ZTUNNEL],
             AuthnKind::client_cert,
-            "client certificate serial 01".into(),
+            "client certificate serial 01",
+            None,
         );
         let target = "spiffe://cluster.local/ns/a/sa/b";
         assert!(matches!(

@@ -7,11 +7,9 @@ use time::OffsetDateTime;
 
 use crate::asn1::GeneralName;
 use crate::authn::Caller;
-use crate::ca::signer::MAX_CN_LEN;
 use crate::ca::{CaBundle, IssuedLeaf, LeafSpec, SignError};
 use crate::csr::VerifiedCsr;
 use crate::duration::format_go;
-use crate::fault::LeafFaults;
 
 /// NotBefore is back-dated by this much for clock skew (istiod's grace period).
 pub const CLOCK_SKEW_GRACE: Duration = Duration::from_secs(120);
@@ -76,6 +74,30 @@ pub fn validity(
     (not_before, not_after)
 }
 
+/// Deliberate deviations from the policy leaf, for test harnesses that need a
+/// misbehaving CA. Plain data; [`LeafOverrides::NONE`] changes nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeafOverrides {
+    /// This lifetime, whatever was asked (and without the TTL check).
+    pub lifetime: Option<Duration>,
+    /// A leaf that expired an hour ago.
+    pub expired: bool,
+    /// A leaf that becomes valid in an hour.
+    pub not_yet_valid: bool,
+    /// A freshly generated key instead of the CSR's.
+    pub wrong_key: bool,
+}
+
+impl LeafOverrides {
+    /// The policy leaf, unchanged.
+    pub const NONE: LeafOverrides = LeafOverrides {
+        lifetime: None,
+        expired: false,
+        not_yet_valid: false,
+        wrong_key: false,
+    };
+}
+
 /// Signs a leaf for `caller` with the public key of `csr`, after the TTL check.
 pub fn issue(
     bundle: &CaBundle,
@@ -83,30 +105,12 @@ pub fn issue(
     csr: &VerifiedCsr,
     requested_secs: i64,
     policy: &TtlPolicy,
+    overrides: &LeafOverrides,
     now: OffsetDateTime,
 ) -> Result<Issued, IssueError> {
-    issue_with_faults(
-        bundle,
-        caller,
-        csr,
-        requested_secs,
-        policy,
-        now,
-        &LeafFaults::default(),
-    )
-}
-
-/// [`issue`], with injected faults shaping the leaf (test harnesses only).
-pub fn issue_with_faults(
-    bundle: &CaBundle,
-    caller: &Caller,
-    csr: &VerifiedCsr,
-    requested_secs: i64,
-    policy: &TtlPolicy,
-    now: OffsetDateTime,
-    faults: &LeafFaults,
-) -> Result<Issued, IssueError> {
-    let lifetime = faults.ttl.map_or(lifetime(requested_secs, policy), Ok)?;
+    let lifetime = overrides
+        .lifetime
+        .map_or(lifetime(requested_secs, policy), Ok)?;
     let signing_not_after = bundle.signing_cert().not_after;
     if now >= signing_not_after {
         return Err(IssueError::SignerExpired {
@@ -115,42 +119,29 @@ pub fn issue_with_faults(
     }
     let (mut not_before, mut not_after) = validity(now, lifetime, bundle.not_after_limit());
     let hour = time::Duration::hours(1);
-    if faults.expired {
+    if overrides.expired {
         (not_before, not_after) = (not_before - hour * 2, now - hour);
     }
-    if faults.not_yet_valid {
+    if overrides.not_yet_valid {
         (not_before, not_after) = (not_before + hour, not_after + hour);
     }
+    let spec = LeafSpec::workload(caller, csr, (not_before, not_after));
     let stranger;
-    let public_key: &dyn rcgen::PublicKeyData = if faults.wrong_key {
+    let spec = if overrides.wrong_key {
         stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IssueError::Sign(SignError::Rcgen(e.to_string())))?;
-        &stranger
+        spec.with_foreign_key(&stranger)
     } else {
-        csr.public_key()
+        spec
     };
-    let sans = caller.sans();
-    // Istio: CN = the first identity when the CSR asked for a CN, if it fits.
-    let common_name = csr
-        .has_common_name()
-        .then(|| caller.identities().first())
-        .flatten()
-        .map(String::as_str)
-        .filter(|cn| cn.len() <= MAX_CN_LEN);
-    let leaf = bundle.signer().issue(&LeafSpec {
-        public_key,
-        sans: &sans,
-        common_name,
-        not_before,
-        not_after,
-    })?;
+    let leaf = bundle.signer().issue(&spec)?;
     let mut cert_chain = Vec::with_capacity(1 + bundle.response_tail().len());
     cert_chain.push(leaf.pem.clone());
     cert_chain.extend(bundle.response_tail().iter().cloned());
     Ok(Issued {
         leaf,
         cert_chain,
-        sans,
+        sans: spec.sans().to_vec(),
         not_before,
         not_after,
     })

@@ -3,13 +3,15 @@
 //! # Layout
 //! The modules follow a request's path:
 //! - [`config`]: command-line flags and environment to a typed [`config::Config`].
-//! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing.
+//! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing,
+//!   and [`ca::Current`], the bundle serving now.
 //! - [`authn`]: who the caller is ([`authn::Caller`]), one module per authenticator.
 //! - [`impersonation`]: who may ask for another workload's certificate (ztunnel).
 //! - [`kubernetes`]: API clients per cluster (TokenReview, pod watch).
 //! - [`csr`]: untrusted CSR bytes to a [`csr::VerifiedCsr`].
 //! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
-//! - [`server`]: the gRPC service and the one error-to-status mapping.
+//! - [`server`]: the gRPC handler; `server::error` maps errors to statuses in one place,
+//!   `server::harness` is fault injection and the issued log (test harnesses only).
 //! - [`tls`]: the serving certificate and the TLS listener.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
 //! - [`app`]: binds the listeners and runs everything.
@@ -28,7 +30,6 @@ pub mod client;
 pub mod config;
 pub mod csr;
 pub mod duration;
-pub mod fault;
 pub mod fsutil;
 pub mod identity;
 pub mod impersonation;

@@ -12,13 +12,13 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use time::OffsetDateTime;
 
-use crate::fault::{Fault, Faults};
+use crate::ca::Current;
 use crate::metrics::Metrics;
-use crate::server::{CaState, IssuedLog};
+use crate::server::harness::{Fault, Faults, IssuedLog};
 
 #[derive(Clone)]
 pub struct MonitoringState {
-    pub ca: Arc<CaState>,
+    pub ca: Arc<Current>,
     pub metrics: Arc<Metrics>,
     /// Set once the gRPC listener is serving.
     pub serving: Arc<AtomicBool>,

@@ -12,11 +12,11 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::ca::Current;
 use crate::ca::bundle::{BundleError, CaBundle, Layout};
 use crate::ca::rotation::RootChange;
 use crate::ca::selfsigned::{self, SelfSignedError, SelfSignedSpec};
 use crate::metrics::{CaCertKind, CaCertLabels, Metrics, ReloadLabels, ReloadResult};
-use crate::server::CaState;
 use crate::tls::{self, TlsError};
 
 /// Events closer together than this are handled as one reload.
@@ -51,7 +51,7 @@ pub enum ReloadOutcome {
 /// Settings and shared state of the reloader.
 pub struct Reloader {
     pub dir: PathBuf,
-    pub ca: Arc<CaState>,
+    pub ca: Arc<Current>,
     pub tls: Arc<ArcSwap<rustls::ServerConfig>>,
     pub dns_names: Vec<String>,
     pub metrics: Arc<Metrics>,
@@ -67,7 +67,7 @@ impl Reloader {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         dir: PathBuf,
-        ca: Arc<CaState>,
+        ca: Arc<Current>,
         tls: Arc<ArcSwap<rustls::ServerConfig>>,
         dns_names: Vec<String>,
         metrics: Arc<Metrics>,

@@ -24,12 +24,12 @@ use clap::Parser as _;
 use tonic::transport::Channel;
 
 use crate::app::{App, AppError};
+use crate::ca::Current;
 use crate::cli::{Cli, Command};
 use crate::client::{self, ClientError, Connection};
-use crate::fault::Faults;
 use crate::metrics::Metrics;
 use crate::pb::istio_certificate_service_client::IstioCertificateServiceClient;
-use crate::server::{CaState, IssuedLog, IssuedRecord};
+use crate::server::harness::{Faults, IssuedLog, IssuedRecord};
 
 /// Issuer of the tokens [`TestCa::mint_token`] makes.
 pub const TEST_JWT_ISSUER: &str = "https://plugca.test";
@@ -178,7 +178,7 @@ pub struct TestCa {
     addr: SocketAddr,
     monitoring_addr: SocketAddr,
     root_pem: String,
-    ca_state: Arc<CaState>,
+    ca_state: Arc<Current>,
     metrics: Arc<Metrics>,
     faults: Arc<Faults>,
     issued: Arc<IssuedLog>,
@@ -276,8 +276,8 @@ impl TestCa {
         &self.faults
     }
 
-    /// The live CA state (swap bundles in tests with [`CaState::replace`]).
-    pub fn ca_state(&self) -> &Arc<CaState> {
+    /// The live CA state (swap bundles in tests with [`Current::replace`]).
+    pub fn ca_state(&self) -> &Arc<Current> {
         &self.ca_state
     }
 

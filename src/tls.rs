@@ -89,13 +89,7 @@ pub fn server_config(
         crate::issuance::validity(now, SERVING_CERT_TTL, bundle.not_after_limit());
     let leaf = bundle
         .signer()
-        .issue(&LeafSpec {
-            public_key: &key,
-            sans: &sans,
-            common_name: None,
-            not_before,
-            not_after,
-        })
+        .issue(&LeafSpec::serving(&key, sans, (not_before, not_after)))
         .map_err(|e| TlsError::Issue(e.to_string()))?;
     let mut chain = vec![CertificateDer::from(leaf.der)];
     chain.extend(

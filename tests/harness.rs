@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use plugca::client::{CsrShape, RequestOptions};
-use plugca::fault::Fault;
+use plugca::server::harness::Fault;
 use plugca::testing::TestCa;
 
 /// The README example: a real CA in one call, a token, a certificate.

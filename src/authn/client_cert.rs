@@ -4,7 +4,7 @@
 use x509_parser::prelude::*;
 
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::identity::{Identity, SpiffeId, TrustDomain};
 use crate::metrics::AuthnKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,7 +77,7 @@ impl Authenticator for ClientCertAuthenticator {
         };
         let (id, serial) = self.identity_of(leaf)?;
         Ok(Some(Caller::new(
-            vec![id.to_string()],
+            vec![Identity::Spiffe(id)],
             AuthnKind::client_cert,
             format!("client certificate serial {serial}"),
         )))

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::authn::token_cache::TokenCache;
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext, ServiceAccount};
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::identity::{Identity, SpiffeId, TrustDomain};
 use crate::metrics::AuthnKind;
 
 /// Largest bearer token accepted.
@@ -436,7 +436,7 @@ impl Authenticator for JwtAuthenticator {
         };
         Ok(Some(
             Caller::new(
-                vec![id.to_string()],
+                vec![Identity::Spiffe(id)],
                 AuthnKind::jwt,
                 format!("JWT from issuer {}", self.issuer),
             )

@@ -20,7 +20,7 @@ use crate::authn::error_chain;
 use crate::authn::jwt::{self, MAX_TOKEN_BYTES};
 use crate::authn::token_cache::{TokenCache, unverified_expiry};
 use crate::authn::{Authenticator, AuthnError, BoundPod, Caller, RequestContext, ServiceAccount};
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::identity::{Identity, SpiffeId, TrustDomain};
 use crate::kubernetes::{Clusters, UnknownCluster};
 use crate::metrics::AuthnKind;
 
@@ -199,7 +199,7 @@ pub fn caller_from_review(
         None => format!("TokenReview by cluster {cluster}"),
     };
     Ok(
-        Caller::new(vec![id.to_string()], AuthnKind::kube_jwt, detail).with_service_account(
+        Caller::new(vec![Identity::Spiffe(id)], AuthnKind::kube_jwt, detail).with_service_account(
             ServiceAccount {
                 namespace: ns.to_string(),
                 name: sa.to_string(),

@@ -4,7 +4,7 @@
 
 use crate::authn::Caller;
 use crate::csr::VerifiedCsr;
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::identity::{Identity, SpiffeId, TrustDomain};
 use crate::metrics::AuthnKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +30,7 @@ pub fn caller_from_csr(csr: &VerifiedCsr, td: &TrustDomain) -> Result<Caller, Tr
         });
     }
     Ok(Caller::new(
-        vec![id.to_string()],
+        vec![Identity::Spiffe(id)],
         AuthnKind::trusted_csr,
         "identity taken from the CSR (lab mode, unproven)".into(),
     ))

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
-use crate::identity::SpiffeId;
+use crate::identity::Identity;
 use crate::metrics::AuthnKind;
 
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
@@ -250,24 +250,6 @@ fn unquote(v: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// A SPIFFE ID, an IP address or a DNS name: what may become a SAN.
-fn valid_identity(id: &str) -> bool {
-    if id.starts_with("spiffe://") {
-        return SpiffeId::parse(id).is_ok();
-    }
-    id.parse::<IpAddr>().is_ok()
-        || (id.len() <= 253
-            && id.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            }))
-}
-
 /// Takes the caller's identities from a trusted gateway's XFCC header.
 pub struct XfccAuthenticator {
     cidrs: Vec<Cidr>,
@@ -302,9 +284,13 @@ impl Authenticator for XfccAuthenticator {
         if ids.is_empty() {
             return Err(XfccError::NoIdentities.into());
         }
-        if let Some(bad) = ids.iter().find(|id| !valid_identity(id)) {
-            return Err(XfccError::BadIdentity(bad.chars().take(256).collect()).into());
-        }
+        let ids = ids
+            .iter()
+            .map(|id| {
+                Identity::parse(id)
+                    .map_err(|_| XfccError::BadIdentity(id.chars().take(256).collect()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let peer = ctx
             .remote_addr
             .map_or_else(|| "-".into(), |a| a.ip().to_string());
@@ -467,7 +453,7 @@ mod tests {
             "a.example.com",
             "*.example.com",
         ] {
-            assert!(valid_identity(ok), "{ok}");
+            assert!(Identity::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
             "spiffe://td/ns//sa/b",
@@ -477,7 +463,7 @@ mod tests {
             "ex\u{e9}.com",
             "",
         ] {
-            assert!(!valid_identity(bad), "{bad}");
+            assert!(Identity::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -11,8 +11,10 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
 use crate::asn1::{self, GeneralName};
+use crate::authn::Caller;
 use crate::ca::cert::Cert;
 use crate::ca::keys::{CaKey, KeyKind};
+use crate::csr::VerifiedCsr;
 
 /// subjectAltName (2.5.29.17).
 const OID_SAN: &[u64] = &[2, 5, 29, 17];
@@ -47,15 +49,64 @@ impl SigningKey for CaKey {
     }
 }
 
-/// What a leaf certificate is issued for. Built by the server from an
-/// authenticated caller and a verified CSR.
+/// What a leaf certificate is issued for: a workload leaf from an
+/// authenticated caller and a verified CSR, or the server's own serving leaf.
 pub struct LeafSpec<'a> {
-    pub public_key: &'a dyn PublicKeyData,
-    pub sans: &'a [GeneralName],
+    public_key: &'a dyn PublicKeyData,
+    sans: Vec<GeneralName>,
     /// Set when the CSR asked for a CN: Istio then puts the first identity there.
-    pub common_name: Option<&'a str>,
-    pub not_before: OffsetDateTime,
-    pub not_after: OffsetDateTime,
+    common_name: Option<String>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+impl<'a> LeafSpec<'a> {
+    /// A workload leaf: the CSR's public key, the caller's identities as SANs,
+    /// valid from `window.0` to `window.1`. The CSR's own SANs are ignored.
+    pub fn workload(
+        caller: &Caller,
+        csr: &'a VerifiedCsr,
+        window: (OffsetDateTime, OffsetDateTime),
+    ) -> Self {
+        // Istio: CN = the first identity when the CSR asked for a CN, if it fits.
+        let common_name = csr
+            .has_common_name()
+            .then(|| caller.identities().first().map(ToString::to_string))
+            .flatten()
+            .filter(|cn| cn.len() <= MAX_CN_LEN);
+        LeafSpec {
+            public_key: csr.public_key(),
+            sans: caller.sans(),
+            common_name,
+            not_before: window.0,
+            not_after: window.1,
+        }
+    }
+
+    /// The gRPC listener's own certificate (and the signer's self-test probe).
+    pub(crate) fn serving(
+        public_key: &'a dyn PublicKeyData,
+        sans: Vec<GeneralName>,
+        window: (OffsetDateTime, OffsetDateTime),
+    ) -> Self {
+        LeafSpec {
+            public_key,
+            sans,
+            common_name: None,
+            not_before: window.0,
+            not_after: window.1,
+        }
+    }
+
+    /// The same leaf for a key the requester does not hold (the `wrong-key`
+    /// test-harness fault).
+    pub(crate) fn with_foreign_key(self, public_key: &'a dyn PublicKeyData) -> Self {
+        LeafSpec { public_key, ..self }
+    }
+
+    pub fn sans(&self) -> &[GeneralName] {
+        &self.sans
+    }
 }
 
 /// An issued leaf.
@@ -148,7 +199,7 @@ impl Signer {
         self.rng.fill(&mut serial).map_err(|_| SignError::Random)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        if let Some(cn) = spec.common_name {
+        if let Some(cn) = &spec.common_name {
             params.distinguished_name.push(DnType::CommonName, cn);
         }
         params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -173,7 +224,7 @@ impl Signer {
         params.is_ca = IsCa::NoCa;
         params.use_authority_key_identifier_extension = true;
         // Istio marks the SAN critical even when a CN is present; rcgen would not.
-        let mut san = CustomExtension::from_oid_content(OID_SAN, asn1::general_names(spec.sans));
+        let mut san = CustomExtension::from_oid_content(OID_SAN, asn1::general_names(&spec.sans));
         san.set_criticality(true);
         let mut basic_constraints =
             CustomExtension::from_oid_content(OID_BASIC_CONSTRAINTS, vec![0x30, 0x00]);
@@ -195,13 +246,11 @@ impl Signer {
             .map_err(|e| format!("self-test key: {e}"))?;
         let now = OffsetDateTime::now_utc();
         let leaf = self
-            .issue(&LeafSpec {
-                public_key: &probe_key,
-                sans: &[GeneralName::Uri("spiffe://plugca.invalid/self-test".into())],
-                common_name: None,
-                not_before: now,
-                not_after: now + ::time::Duration::minutes(1),
-            })
+            .issue(&LeafSpec::serving(
+                &probe_key,
+                vec![GeneralName::Uri("spiffe://plugca.invalid/self-test".into())],
+                (now, now + ::time::Duration::minutes(1)),
+            ))
             .map_err(|e| format!("self-test signing failed: {e}"))?;
         let (_, probe) =
             X509Certificate::from_der(&leaf.der).map_err(|e| format!("self-test leaf: {e}"))?;

@@ -61,7 +61,7 @@ pub struct TestServer {
     pub monitoring: SocketAddr,
     pub root_pem: String,
     pub metrics: Arc<Metrics>,
-    pub ca: Arc<plugca::server::CaState>,
+    pub ca: Arc<plugca::ca::Current>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), plugca::app::AppError>>>,
 }

@@ -1,12 +1,22 @@
-//! Fault injection for test harnesses: make the CA misbehave on purpose, the
-//! ways real CAs and networks do, so clients' error handling can be tested.
-//! Off unless `--enable-fault-injection` is given or the `testing` API is used.
+//! Test harnesses only: fault injection (make the CA misbehave on purpose, the
+//! ways real CAs and networks do, so clients' error handling can be tested) and
+//! a record of every certificate issued. Off unless `--enable-fault-injection`
+//! is given or the `testing` API is used.
+//!
+//! [`Harness`] wraps the plain handler: it refuses before authentication, turns
+//! the faults that shape signing into plain data ([`Overrides`]), and cuts the
+//! chain after issuance.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::{Request, Status};
+
 use crate::duration;
+use crate::issuance::{Issued, LeafOverrides};
+use crate::pb::IstioCertificateRequest;
+use crate::server::CertificateService;
 
 /// One way to misbehave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,28 +143,137 @@ impl Faults {
     }
 }
 
-/// Leaf-shaping faults, resolved for one request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LeafFaults {
-    pub expired: bool,
-    pub not_yet_valid: bool,
-    pub ttl: Option<Duration>,
-    pub wrong_key: bool,
+/// Every certificate issued, kept for test harnesses to inspect (bounded).
+#[derive(Debug, Default)]
+pub struct IssuedLog {
+    entries: Mutex<VecDeque<IssuedRecord>>,
 }
 
-impl LeafFaults {
+/// One issued certificate as a harness sees it.
+#[derive(Debug, Clone)]
+pub struct IssuedRecord {
+    pub leaf_pem: String,
+    pub cert_chain: Vec<String>,
+    pub sans: Vec<String>,
+    pub serial_hex: String,
+}
+
+impl IssuedLog {
+    /// Most records kept; the oldest are dropped first.
+    pub const CAPACITY: usize = 10_000;
+
+    fn record(&self, issued: &Issued) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() == Self::CAPACITY {
+            entries.pop_front();
+        }
+        entries.push_back(IssuedRecord {
+            leaf_pem: issued.leaf.pem.clone(),
+            cert_chain: issued.cert_chain.clone(),
+            sans: issued.sans.iter().map(ToString::to_string).collect(),
+            serial_hex: issued.leaf.serial_hex.clone(),
+        });
+    }
+
+    pub fn all(&self) -> Vec<IssuedRecord> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// What a harness changes about one request, as plain data for the handler.
+/// [`Overrides::NONE`] changes nothing.
+#[derive(Debug, Clone)]
+pub struct Overrides {
+    /// Refuse with this status before authentication.
+    pub refuse: Option<Status>,
+    /// Hold the signing slot this long before signing (a slow signer).
+    pub slow_signing: Duration,
+    pub leaf: LeafOverrides,
+    /// How many faults apply (for the audit line).
+    pub faults: usize,
+}
+
+impl Overrides {
+    pub const NONE: Overrides = Overrides {
+        refuse: None,
+        slow_signing: Duration::ZERO,
+        leaf: LeafOverrides::NONE,
+        faults: 0,
+    };
+
+    /// The first refusal wins; latencies add up; leaf faults combine.
     pub fn from_faults(faults: &[Fault]) -> Self {
-        let mut lf = LeafFaults::default();
+        let mut o = Overrides {
+            faults: faults.len(),
+            ..Overrides::NONE
+        };
         for f in faults {
             match f {
-                Fault::Expired => lf.expired = true,
-                Fault::NotYetValid => lf.not_yet_valid = true,
-                Fault::ShortTtl(d) => lf.ttl = Some(*d),
-                Fault::WrongKey => lf.wrong_key = true,
-                Fault::Refuse { .. } | Fault::EmptyChain | Fault::LeafOnly | Fault::Latency(_) => {}
+                Fault::Refuse { code, message } => {
+                    o.refuse = o
+                        .refuse
+                        .or_else(|| Some(Status::new(*code, message.clone())));
+                }
+                Fault::Latency(d) => o.slow_signing += *d,
+                Fault::Expired => o.leaf.expired = true,
+                Fault::NotYetValid => o.leaf.not_yet_valid = true,
+                Fault::ShortTtl(d) => o.leaf.lifetime = Some(*d),
+                Fault::WrongKey => o.leaf.wrong_key = true,
+                Fault::EmptyChain | Fault::LeafOnly => {}
             }
         }
-        lf
+        o
+    }
+}
+
+/// The harness around the plain handler: faults in, issued certificates recorded.
+#[derive(Debug)]
+pub(super) struct Harness {
+    faults: Arc<Faults>,
+    issued_log: Option<Arc<IssuedLog>>,
+}
+
+impl Harness {
+    /// `None` (the plain handler) unless fault injection or the log is enabled.
+    pub(super) fn new(
+        faults: Option<Arc<Faults>>,
+        issued_log: Option<Arc<IssuedLog>>,
+    ) -> Option<Self> {
+        if faults.is_none() && issued_log.is_none() {
+            return None;
+        }
+        Some(Harness {
+            faults: faults.unwrap_or_default(),
+            issued_log,
+        })
+    }
+
+    /// Serves one request with this request's faults applied around `service`.
+    pub(super) async fn serve(
+        &self,
+        service: &CertificateService,
+        request: &Request<IstioCertificateRequest>,
+    ) -> Result<Issued, Status> {
+        let faults = self.faults.take_for_request();
+        let mut issued = service
+            .serve(request, &Overrides::from_faults(&faults))
+            .await?;
+        for fault in &faults {
+            match fault {
+                Fault::EmptyChain => issued.cert_chain.clear(),
+                Fault::LeafOnly => issued.cert_chain.truncate(1),
+                _ => {}
+            }
+        }
+        if let Some(log) = &self.issued_log {
+            log.record(&issued);
+        }
+        Ok(issued)
     }
 }
 
