@@ -3,7 +3,6 @@
 
 pub mod bundle;
 pub mod cert;
-pub mod diagnose;
 pub mod generate;
 pub mod keys;
 pub mod rotation;
