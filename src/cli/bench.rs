@@ -1,21 +1,21 @@
 //! `plugca bench`: a load generator over the real protocol, and the offline
 //! ceiling of the same issuance cycle.
 //!
-//! - **Online** ([`online::run_online`]): gRPC over TLS to one address only — a running
-//!   plugca ([`target::Target::Remote`]) or one this process starts on `127.0.0.1:0`
-//!   ([`target::Target::Local`]), by default as a child process of the same binary so
+//! - **Online** ([`run_online`]): gRPC over TLS to one address only — a running
+//!   plugca ([`Target::Remote`]) or one this process starts on `127.0.0.1:0`
+//!   ([`Target::Local`]), by default as a child process of the same binary so
 //!   its CPU time and RSS are read separately from `/proc/<pid>`.
-//! - **Offline** ([`offline::run_offline`]): the server's cycle without gRPC or TLS —
-//!   [`crate::csr::VerifiedCsr::parse`], the lab-mode caller, [`crate::issuance::issue`] — on one
-//!   thread per core. That is the crypto ceiling the online number is compared to.
+//! - **Offline** ([`run_offline`]): the server's cycle without gRPC or TLS —
+//!   [`crate::csr::VerifiedCsr::parse`], the lab-mode caller,
+//!   [`crate::issuance::issue`] — on one thread per core. That is the crypto ceiling the online number is compared to.
 //!
 //! Everything that is not the server's work (keys, CSRs, tokens, client
 //! certificates, connections) is prepared before the clock starts. Both runs
 //! stop at whichever bound comes first: request count or duration.
 //!
-//! This module holds the flags and what every part shares; [`online`],
-//! [`offline`] and [`target`] the runs, [`pool`] and [`report`] what they
-//! prepare and measure.
+//! This module holds the flags and what every part shares; `online`,
+//! `offline` and `target` the runs, `pool` and `report` what they prepare
+//! and measure.
 
 mod offline;
 mod online;
