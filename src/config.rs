@@ -352,6 +352,10 @@ struct Flag {
 }
 
 impl Flag {
+    const fn new(name: &'static str, env: &'static str) -> Flag {
+        Flag { name, env }
+    }
+
     fn invalid(self, value: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             flag: self.name,
@@ -397,82 +401,33 @@ impl Flag {
 mod flag {
     use super::Flag;
 
-    pub(super) const GRPC_ADDR: Flag = Flag {
-        name: "--grpc-addr",
-        env: "PLUGCA_GRPC_ADDR",
-    };
-    pub(super) const MONITORING_ADDR: Flag = Flag {
-        name: "--monitoring-addr",
-        env: "PLUGCA_MONITORING_ADDR",
-    };
-    pub(super) const TRUST_DOMAIN: Flag = Flag {
-        name: "--trust-domain",
-        env: "TRUST_DOMAIN",
-    };
-    pub(super) const DEFAULT_TTL: Flag = Flag {
-        name: "--default-ttl",
-        env: "DEFAULT_WORKLOAD_CERT_TTL",
-    };
-    pub(super) const MAX_TTL: Flag = Flag {
-        name: "--max-ttl",
-        env: "MAX_WORKLOAD_CERT_TTL",
-    };
-    pub(super) const JWT_AUDIENCE: Flag = Flag {
-        name: "--jwt-audience",
-        env: "PLUGCA_JWT_AUDIENCE",
-    };
-    pub(super) const JWT_RULE: Flag = Flag {
-        name: "--jwt-rule",
-        env: "JWT_RULE",
-    };
-    pub(super) const MAX_CONCURRENT_SIGNS: Flag = Flag {
-        name: "--max-concurrent-signs",
-        env: "PLUGCA_MAX_CONCURRENT_SIGNS",
-    };
-    pub(super) const SIGN_QUEUE_TIMEOUT: Flag = Flag {
-        name: "--sign-queue-timeout",
-        env: "PLUGCA_SIGN_QUEUE_TIMEOUT",
-    };
-    pub(super) const SELF_SIGNED_TTL: Flag = Flag {
-        name: "--self-signed-ttl",
-        env: "CITADEL_SELF_SIGNED_CA_CERT_TTL",
-    };
-    pub(super) const EXPIRY_WARNING: Flag = Flag {
-        name: "--expiry-warning",
-        env: "PLUGCA_EXPIRY_WARNING",
-    };
-    pub(super) const RELOAD_INTERVAL: Flag = Flag {
-        name: "--reload-interval",
-        env: "PLUGCA_RELOAD_INTERVAL",
-    };
-    pub(super) const DRAIN_TIMEOUT: Flag = Flag {
-        name: "--drain-timeout",
-        env: "PLUGCA_DRAIN_TIMEOUT",
-    };
-    pub(super) const FAULT: Flag = Flag {
-        name: "--fault",
-        env: "PLUGCA_FAULTS",
-    };
-    pub(super) const CLUSTER_ID: Flag = Flag {
-        name: "--cluster-id",
-        env: "CLUSTER_ID",
-    };
-    pub(super) const TOKEN_AUDIENCES: Flag = Flag {
-        name: "--token-audiences",
-        env: "TOKEN_AUDIENCES",
-    };
-    pub(super) const KUBE_API_TIMEOUT: Flag = Flag {
-        name: "--kube-api-timeout",
-        env: "PLUGCA_KUBE_API_TIMEOUT",
-    };
-    pub(super) const TRUSTED_GATEWAY_CIDRS: Flag = Flag {
-        name: "--trusted-gateway-cidrs",
-        env: "TRUSTED_GATEWAY_CIDR",
-    };
-    pub(super) const TRUSTED_NODE_ACCOUNTS: Flag = Flag {
-        name: "--trusted-node-accounts",
-        env: "CA_TRUSTED_NODE_ACCOUNTS",
-    };
+    pub(super) const GRPC_ADDR: Flag = Flag::new("--grpc-addr", "PLUGCA_GRPC_ADDR");
+    pub(super) const MONITORING_ADDR: Flag =
+        Flag::new("--monitoring-addr", "PLUGCA_MONITORING_ADDR");
+    pub(super) const TRUST_DOMAIN: Flag = Flag::new("--trust-domain", "TRUST_DOMAIN");
+    pub(super) const DEFAULT_TTL: Flag = Flag::new("--default-ttl", "DEFAULT_WORKLOAD_CERT_TTL");
+    pub(super) const MAX_TTL: Flag = Flag::new("--max-ttl", "MAX_WORKLOAD_CERT_TTL");
+    pub(super) const JWT_AUDIENCE: Flag = Flag::new("--jwt-audience", "PLUGCA_JWT_AUDIENCE");
+    pub(super) const JWT_RULE: Flag = Flag::new("--jwt-rule", "JWT_RULE");
+    pub(super) const MAX_CONCURRENT_SIGNS: Flag =
+        Flag::new("--max-concurrent-signs", "PLUGCA_MAX_CONCURRENT_SIGNS");
+    pub(super) const SIGN_QUEUE_TIMEOUT: Flag =
+        Flag::new("--sign-queue-timeout", "PLUGCA_SIGN_QUEUE_TIMEOUT");
+    pub(super) const SELF_SIGNED_TTL: Flag =
+        Flag::new("--self-signed-ttl", "CITADEL_SELF_SIGNED_CA_CERT_TTL");
+    pub(super) const EXPIRY_WARNING: Flag = Flag::new("--expiry-warning", "PLUGCA_EXPIRY_WARNING");
+    pub(super) const RELOAD_INTERVAL: Flag =
+        Flag::new("--reload-interval", "PLUGCA_RELOAD_INTERVAL");
+    pub(super) const DRAIN_TIMEOUT: Flag = Flag::new("--drain-timeout", "PLUGCA_DRAIN_TIMEOUT");
+    pub(super) const FAULT: Flag = Flag::new("--fault", "PLUGCA_FAULTS");
+    pub(super) const CLUSTER_ID: Flag = Flag::new("--cluster-id", "CLUSTER_ID");
+    pub(super) const TOKEN_AUDIENCES: Flag = Flag::new("--token-audiences", "TOKEN_AUDIENCES");
+    pub(super) const KUBE_API_TIMEOUT: Flag =
+        Flag::new("--kube-api-timeout", "PLUGCA_KUBE_API_TIMEOUT");
+    pub(super) const TRUSTED_GATEWAY_CIDRS: Flag =
+        Flag::new("--trusted-gateway-cidrs", "TRUSTED_GATEWAY_CIDR");
+    pub(super) const TRUSTED_NODE_ACCOUNTS: Flag =
+        Flag::new("--trusted-node-accounts", "CA_TRUSTED_NODE_ACCOUNTS");
 
     #[cfg(test)]
     pub(super) const ALL: &[Flag] = &[
