@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use time::OffsetDateTime;
@@ -19,7 +20,7 @@ use crate::authn::xfcc::XfccAuthenticator;
 use crate::authn::{Authenticator, Authenticators};
 use crate::ca::Current;
 use crate::ca::selfsigned::SelfSignedSpec;
-use crate::ca::{BundleError, Layout};
+use crate::ca::{BundleError, CaBundle, Layout};
 use crate::config::Config;
 use crate::impersonation::Impersonation;
 use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
@@ -29,7 +30,7 @@ use crate::kubernetes::{Clusters, KubeSetupError};
 use crate::metrics::Metrics;
 use crate::monitoring::{self, MonitoringState};
 use crate::pb::istio_certificate_service_server::IstioCertificateServiceServer;
-use crate::reload::{ReloadError, Reloader};
+use crate::reload::{ReloadError, ReloadSettings, Reloader};
 use crate::server::harness::{Faults, IssuedLog};
 use crate::server::{CertificateService, ServiceConfig};
 use crate::tls::{self, TlsError};
@@ -63,206 +64,62 @@ pub enum AppError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(String),
+    #[error("{addr}/ready did not answer 200 within {within:?}")]
+    NotReady { addr: SocketAddr, within: Duration },
 }
 
-/// A built server whose listeners are bound but not yet serving.
-pub struct App {
-    grpc_listener: TcpListener,
-    monitoring_listener: TcpListener,
-    service: CertificateService,
-    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+/// Starts a server: loads the CA, builds the authenticators and the
+/// impersonation checks, binds every listener, logs `listening` and serves in
+/// a spawned task until [`Running::stop`] or [`Running::run_until`]'s signal.
+/// The one way to start a server: `main`, `plugca bench`, `plugca::testing`
+/// and the integration tests all come through here.
+pub async fn spawn(config: &Config) -> Result<Running, AppError> {
+    let app = App::build(config).await?;
+    let (grpc_addr, monitoring_addr) = (app.grpc_addr(), app.monitoring_addr());
+    // Target `plugca` as when the binary logged it: `plugca bench` reads it.
+    info!(target: "plugca", grpc = %grpc_addr, monitoring = %monitoring_addr, "listening");
+    let (ca, metrics, reloader) = (app.ca.clone(), app.metrics.clone(), app.reloader.clone());
+    let (faults, issued_log) = (app.faults.clone(), app.issued_log.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Dropping `stop` (the `Running`) also completes `stopped`: the server
+    // then shuts down, as it did when the harnesses held the sender.
+    let task = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        grpc_addr,
+        monitoring_addr,
+        ca,
+        metrics,
+        faults,
+        issued_log,
+        reloader,
+        stop,
+        task,
+    })
+}
+
+/// A server started by [`spawn`]: its listeners are bound and it serves until
+/// stopped (or dropped).
+pub struct Running {
+    grpc_addr: SocketAddr,
+    monitoring_addr: SocketAddr,
     ca: Arc<Current>,
     metrics: Arc<Metrics>,
-    reloader: Arc<Reloader>,
     faults: Option<Arc<Faults>>,
     issued_log: Option<Arc<IssuedLog>>,
-    reload_interval: std::time::Duration,
-    drain_timeout: std::time::Duration,
-    serving: Arc<AtomicBool>,
+    reloader: Arc<Reloader>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), AppError>>,
 }
 
-impl App {
-    pub async fn build(config: &Config) -> Result<App, AppError> {
-        let now = OffsetDateTime::now_utc();
-        let self_signed = SelfSignedSpec {
-            dir: config.self_signed_dir.clone(),
-            key: config.self_signed_key,
-            ttl: config.self_signed_ttl,
-            organization: config.trust_domain.to_string(),
-        };
-        let bundle = Reloader::initial_bundle(
-            &config.cacerts_dir,
-            &self_signed,
-            config.extra_trust_roots.as_deref(),
-            now,
-        )?;
-        if bundle.layout() != Layout::SelfSigned {
-            info!(
-                dir = %config.cacerts_dir.display(),
-                layout = %bundle.layout(),
-                signing = %bundle.signing_cert().subject,
-                key = %bundle.signer().key_kind(),
-                roots = bundle.roots().len(),
-                "plugged-in CA loaded"
-            );
-        }
-        let metrics = Arc::new(Metrics::new());
-        let dns_names = tls::serving_dns_names(&config.server_dns_names);
-        let tls_config = Arc::new(ArcSwap::new(tls::server_config(&bundle, &dns_names)?));
-        let ca = Arc::new(Current::new(Some(bundle)));
-        let reloader = Arc::new(Reloader::new(
-            config.cacerts_dir.clone(),
-            ca.clone(),
-            tls_config.clone(),
-            dns_names,
-            metrics.clone(),
-            config.allow_root_replacement,
-            config.extra_trust_roots.clone(),
-            self_signed,
-            config.expiry_warning,
-        ));
-        reloader.check_expiry(now);
-
-        let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
-            config.trust_domain.clone(),
-        ))];
-        if let Some(jr) = &config.jwt_rule {
-            let source = Arc::new(RemoteJwks::new(jr.rule.clone(), jr.ca_file.as_deref())?);
-            // Fetch once now so the first request does not wait; failure is
-            // not fatal (the endpoint may come up later) and is logged.
-            if source.fetch(None).await.is_ok() {
-                info!(issuer = %jr.rule.issuer, keys = %source.describe(), "JWT_RULE authentication");
-            }
-            chain.push(Box::new(JwtAuthenticator::with_source(
-                source,
-                "JWT (JWT_RULE)",
-                jr.rule.issuer.clone(),
-                jr.rule.audiences(),
-                config.trust_domain.clone(),
-            )));
-        }
-        if let Some(jwt) = &config.jwt {
-            chain.push(Box::new(JwtAuthenticator::from_jwks_file(
-                &jwt.jwks_file,
-                jwt.issuer.clone(),
-                jwt.audiences.clone(),
-                config.trust_domain.clone(),
-            )?));
-        }
-        let clusters = match &config.kubernetes {
-            Some(k) => {
-                let clusters = Arc::new(Clusters::load(k).await?);
-                info!(source = %k.local, clusters = ?clusters.ids(), audiences = ?k.token_audiences, "Kubernetes TokenReview authentication");
-                chain.push(Box::new(KubeJwtAuthenticator::new(
-                    clusters.clone(),
-                    k.token_audiences.clone(),
-                    config.trust_domain.clone(),
-                    k.api_timeout,
-                )));
-                Some(clusters)
-            }
-            None => None,
-        };
-        if let Some(cidrs) = &config.trusted_gateway_cidrs {
-            info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
-            chain.push(Box::new(XfccAuthenticator::new(cidrs.clone())));
-        }
-        if config.insecure_trust_csr_identity {
-            warn!(
-                trust_domain = %config.trust_domain,
-                "LAB MODE: --insecure-trust-csr-identity issues any identity a CSR names in the trust domain, without proof; never use it in a real mesh"
-            );
-        } else if config.jwt.is_none()
-            && config.jwt_rule.is_none()
-            && clusters.is_none()
-            && config.trusted_gateway_cidrs.is_none()
-        {
-            warn!(
-                "no bootstrap authenticator configured (--kubeconfig, --jwks-file or --insecure-trust-csr-identity): only mTLS renewals can succeed"
-            );
-        }
-        let authenticators = Authenticators::new(chain);
-        let trusted = config.impersonation.trusted_node_accounts.clone();
-        let impersonation = if trusted.is_empty() {
-            Impersonation::disabled()
-        } else {
-            let policy = config
-                .impersonation
-                .policy_file
-                .as_deref()
-                .map(|p| Policy::load(p, &trusted))
-                .transpose()?;
-            let node = clusters.as_deref().map(NodeAuthorizer::start);
-            if let Some(node) = &node {
-                let pending = node.wait_synced(INITIAL_POD_SYNC_WAIT).await;
-                if !pending.is_empty() {
-                    warn!(clusters = ?pending, waited = ?INITIAL_POD_SYNC_WAIT, "pod caches not synced yet: impersonation requests get UNAVAILABLE until they are");
-                }
-            }
-            info!(
-                trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                policy = ?config.impersonation.policy_file,
-                node_authorization = node.is_some(),
-                "impersonation enabled"
-            );
-            Impersonation::new(trusted, policy, node)
-        };
-        let faults = config.faults.as_ref().map(|initial| {
-            warn!(faults = ?initial, "FAULT INJECTION enabled (test harness mode): admin endpoints /faults and /issued are open on the monitoring port");
-            let f = Arc::new(Faults::default());
-            f.set_global(initial.clone());
-            f
-        });
-        let issued_log = faults.as_ref().map(|_| Arc::new(IssuedLog::default()));
-        info!(authenticators = ?authenticators.names(), lab_mode = config.insecure_trust_csr_identity, "authentication");
-        let service = CertificateService::new(
-            ca.clone(),
-            ServiceConfig {
-                authenticators,
-                lab_mode: config
-                    .insecure_trust_csr_identity
-                    .then(|| config.trust_domain.clone()),
-                impersonation,
-                ttl: TtlPolicy {
-                    default_ttl: config.default_ttl,
-                    max_ttl: config.max_ttl,
-                },
-                max_concurrent_signs: config.max_concurrent_signs,
-                sign_queue_timeout: config.sign_queue_timeout,
-            },
-            metrics.clone(),
-            faults.clone(),
-            issued_log.clone(),
-        );
-
-        let grpc_listener = bind(config.grpc_addr, "gRPC").await?;
-        let monitoring_listener = bind(config.monitoring_addr, "monitoring").await?;
-        Ok(App {
-            grpc_listener,
-            monitoring_listener,
-            service,
-            tls_config,
-            ca,
-            metrics,
-            reloader,
-            faults,
-            issued_log,
-            reload_interval: config.reload_interval,
-            drain_timeout: config.drain_timeout,
-            serving: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
+impl Running {
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_listener
-            .local_addr()
-            .expect("a bound listener has a local address")
+        self.grpc_addr
     }
 
     pub fn monitoring_addr(&self) -> SocketAddr {
-        self.monitoring_listener
-            .local_addr()
-            .expect("a bound listener has a local address")
+        self.monitoring_addr
     }
 
     pub fn ca(&self) -> Arc<Current> {
@@ -288,8 +145,156 @@ impl App {
         self.reloader.clone()
     }
 
+    /// Waits until `/ready` answers 200 (the gRPC port serves and the reload
+    /// watcher is in place), polling every millisecond for at most `within`.
+    pub async fn wait_ready(&self, within: Duration) -> Result<(), AppError> {
+        wait_ready(self.monitoring_addr, within).await
+    }
+
     /// Serves until `shutdown` completes, then drains in-flight requests.
-    pub async fn run(
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let Running { stop, mut task, .. } = self;
+        let result = tokio::select! {
+            _ = shutdown => {
+                let _ = stop.send(());
+                task.await
+            }
+            result = &mut task => result,
+        };
+        result.map_err(|e| AppError::Serve(e.to_string()))?
+    }
+
+    /// Stops accepting, drains in-flight requests and waits for the server.
+    pub async fn stop(self) -> Result<(), AppError> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|e| AppError::Serve(e.to_string()))?
+    }
+}
+
+/// Waits until `addr` answers `GET /ready` with 200, polling every
+/// millisecond for at most `within`; also for servers in child processes.
+pub async fn wait_ready(addr: SocketAddr, within: Duration) -> Result<(), AppError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let _ = s
+                .write_all(b"GET /ready HTTP/1.1\r\nHost: plugca\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Err(AppError::NotReady { addr, within })
+}
+
+/// A built server whose listeners are bound but not yet serving.
+struct App {
+    grpc_listener: TcpListener,
+    monitoring_listener: TcpListener,
+    service: CertificateService,
+    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    ca: Arc<Current>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+    faults: Option<Arc<Faults>>,
+    issued_log: Option<Arc<IssuedLog>>,
+    reload_interval: Duration,
+    drain_timeout: Duration,
+    serving: Arc<AtomicBool>,
+}
+
+impl App {
+    /// The steps in order: CA, serving TLS and reloader, authenticators,
+    /// impersonation, fault harness, handler, listeners.
+    async fn build(config: &Config) -> Result<App, AppError> {
+        let now = OffsetDateTime::now_utc();
+        let (bundle, self_signed) = load_ca(config, now)?;
+        let metrics = Arc::new(Metrics::new());
+        let dns_names = tls::serving_dns_names(&config.server.server_dns_names);
+        let tls_config = Arc::new(ArcSwap::new(tls::server_config(&bundle, &dns_names)?));
+        let ca = Arc::new(Current::new(Some(bundle)));
+        let reloader = Arc::new(Reloader::new(
+            ReloadSettings {
+                dir: config.ca.cacerts_dir.clone(),
+                dns_names,
+                allow_root_replacement: config.ca.allow_root_replacement,
+                extra_trust_roots: config.ca.extra_trust_roots.clone(),
+                self_signed,
+                expiry_warning: config.ca.expiry_warning,
+            },
+            ca.clone(),
+            tls_config.clone(),
+            metrics.clone(),
+        ));
+        reloader.check_expiry(now);
+
+        let (authenticators, clusters) = authenticators(config).await?;
+        let impersonation = impersonation(config, clusters.as_deref()).await?;
+        let (faults, issued_log) = fault_harness(config);
+        info!(authenticators = ?authenticators.names(), lab_mode = config.authn.insecure_trust_csr_identity, "authentication");
+        let service = CertificateService::new(
+            ca.clone(),
+            ServiceConfig {
+                authenticators,
+                lab_mode: config
+                    .authn
+                    .insecure_trust_csr_identity
+                    .then(|| config.trust_domain.clone()),
+                impersonation,
+                ttl: TtlPolicy {
+                    default_ttl: config.issuance.default_ttl,
+                    max_ttl: config.issuance.max_ttl,
+                },
+                max_concurrent_signs: config.issuance.max_concurrent_signs,
+                sign_queue_timeout: config.issuance.sign_queue_timeout,
+            },
+            metrics.clone(),
+            faults.clone(),
+            issued_log.clone(),
+        );
+
+        let grpc_listener = bind(config.server.grpc_addr, "gRPC").await?;
+        let monitoring_listener = bind(config.server.monitoring_addr, "monitoring").await?;
+        Ok(App {
+            grpc_listener,
+            monitoring_listener,
+            service,
+            tls_config,
+            ca,
+            metrics,
+            reloader,
+            faults,
+            issued_log,
+            reload_interval: config.ca.reload_interval,
+            drain_timeout: config.server.drain_timeout,
+            serving: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    fn monitoring_addr(&self) -> SocketAddr {
+        self.monitoring_listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests.
+    async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
@@ -327,8 +332,8 @@ impl App {
         let mut grpc_stop = stop_rx.clone();
         let grpc = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
@@ -377,6 +382,150 @@ impl App {
             }
         }
     }
+}
+
+/// The CA to start with: the plugged-in bundle, else the self-signed root
+/// (whose spec the reloader keeps, to renew it).
+fn load_ca(
+    config: &Config,
+    now: OffsetDateTime,
+) -> Result<(CaBundle, SelfSignedSpec), ReloadError> {
+    let self_signed = SelfSignedSpec {
+        dir: config.ca.self_signed_dir.clone(),
+        key: config.ca.self_signed_key,
+        ttl: config.ca.self_signed_ttl,
+        organization: config.trust_domain.to_string(),
+    };
+    let bundle = Reloader::initial_bundle(
+        &config.ca.cacerts_dir,
+        &self_signed,
+        config.ca.extra_trust_roots.as_deref(),
+        now,
+    )?;
+    if bundle.layout() != Layout::SelfSigned {
+        info!(
+            dir = %config.ca.cacerts_dir.display(),
+            layout = %bundle.layout(),
+            signing = %bundle.signing_cert().subject,
+            key = %bundle.signer().key_kind(),
+            roots = bundle.roots().len(),
+            "plugged-in CA loaded"
+        );
+    }
+    Ok((bundle, self_signed))
+}
+
+/// The authenticator chain in the order requests try it (client certificate
+/// first), and the Kubernetes clusters when TokenReview is on (node
+/// authorization reuses them).
+async fn authenticators(
+    config: &Config,
+) -> Result<(Authenticators, Option<Arc<Clusters>>), AppError> {
+    let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
+        config.trust_domain.clone(),
+    ))];
+    if let Some(jr) = &config.authn.jwt_rule {
+        let source = Arc::new(RemoteJwks::new(jr.rule.clone(), jr.ca_file.as_deref())?);
+        // Fetch once now so the first request does not wait; failure is
+        // not fatal (the endpoint may come up later) and is logged.
+        if source.fetch(None).await.is_ok() {
+            info!(issuer = %jr.rule.issuer, keys = %source.describe(), "JWT_RULE authentication");
+        }
+        chain.push(Box::new(JwtAuthenticator::with_source(
+            source,
+            "JWT (JWT_RULE)",
+            jr.rule.issuer.clone(),
+            jr.rule.audiences(),
+            config.trust_domain.clone(),
+        )));
+    }
+    if let Some(jwt) = &config.authn.jwt {
+        chain.push(Box::new(JwtAuthenticator::from_jwks_file(
+            &jwt.jwks_file,
+            jwt.issuer.clone(),
+            jwt.audiences.clone(),
+            config.trust_domain.clone(),
+        )?));
+    }
+    let clusters = match &config.authn.kubernetes {
+        Some(k) => {
+            let clusters = Arc::new(Clusters::load(k).await?);
+            info!(source = %k.local, clusters = ?clusters.ids(), audiences = ?k.token_audiences, "Kubernetes TokenReview authentication");
+            chain.push(Box::new(KubeJwtAuthenticator::new(
+                clusters.clone(),
+                k.token_audiences.clone(),
+                config.trust_domain.clone(),
+                k.api_timeout,
+            )));
+            Some(clusters)
+        }
+        None => None,
+    };
+    if let Some(cidrs) = &config.authn.trusted_gateway_cidrs {
+        info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
+        chain.push(Box::new(XfccAuthenticator::new(cidrs.clone())));
+    }
+    if config.authn.insecure_trust_csr_identity {
+        warn!(
+            trust_domain = %config.trust_domain,
+            "LAB MODE: --insecure-trust-csr-identity issues any identity a CSR names in the trust domain, without proof; never use it in a real mesh"
+        );
+    } else if config.authn.jwt.is_none()
+        && config.authn.jwt_rule.is_none()
+        && clusters.is_none()
+        && config.authn.trusted_gateway_cidrs.is_none()
+    {
+        warn!(
+            "no bootstrap authenticator configured (--kubeconfig, --jwks-file or --insecure-trust-csr-identity): only mTLS renewals can succeed"
+        );
+    }
+    Ok((Authenticators::new(chain), clusters))
+}
+
+/// Who may ask for other identities' certificates: off without trusted node
+/// accounts; otherwise the policy file and/or node authorization over the
+/// clusters' pod caches (waited for, briefly, so the first requests succeed).
+async fn impersonation(
+    config: &Config,
+    clusters: Option<&Clusters>,
+) -> Result<Impersonation, AppError> {
+    let trusted = config.impersonation.trusted_node_accounts.clone();
+    if trusted.is_empty() {
+        return Ok(Impersonation::disabled());
+    }
+    let policy = config
+        .impersonation
+        .policy_file
+        .as_deref()
+        .map(|p| Policy::load(p, &trusted))
+        .transpose()?;
+    let node = clusters.map(NodeAuthorizer::start);
+    if let Some(node) = &node {
+        let pending = node.wait_synced(INITIAL_POD_SYNC_WAIT).await;
+        if !pending.is_empty() {
+            warn!(clusters = ?pending, waited = ?INITIAL_POD_SYNC_WAIT, "pod caches not synced yet: impersonation requests get UNAVAILABLE until they are");
+        }
+    }
+    info!(
+        trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        policy = ?config.impersonation.policy_file,
+        node_authorization = node.is_some(),
+        "impersonation enabled"
+    );
+    Ok(Impersonation::new(trusted, policy, node))
+}
+
+/// The fault switchboard and the issued-certificate log, only in test
+/// harness mode (`--enable-fault-injection` or a `--fault`).
+fn fault_harness(config: &Config) -> (Option<Arc<Faults>>, Option<Arc<IssuedLog>>) {
+    let faults = config.faults.as_ref().map(|initial| {
+        warn!(faults = ?initial, "FAULT INJECTION enabled (test harness mode): admin endpoints /faults and /issued are open on the monitoring port");
+        let f = Arc::new(Faults::default());
+        f.set_global(initial.clone());
+        f
+    });
+    let issued_log = faults.as_ref().map(|_| Arc::new(IssuedLog::default()));
+    (faults, issued_log)
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, AppError> {

@@ -4,7 +4,6 @@
 pub mod bundle;
 pub mod cert;
 pub mod current;
-pub mod diagnose;
 pub mod generate;
 pub mod keys;
 pub mod rotation;

@@ -42,23 +42,23 @@ pub struct ServeArgs {
     pub cacerts_dir: PathBuf,
 
     /// Address of the gRPC (TLS) listener.
-    #[arg(long, env = "PLUGCA_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    #[arg(long, env = flag::GRPC_ADDR.env, default_value = DEFAULT_GRPC_ADDR)]
     pub grpc_addr: String,
 
     /// Address of the HTTP monitoring listener (/ready, /healthz, /metrics).
-    #[arg(long, env = "PLUGCA_MONITORING_ADDR", default_value = DEFAULT_MONITORING_ADDR)]
+    #[arg(long, env = flag::MONITORING_ADDR.env, default_value = DEFAULT_MONITORING_ADDR)]
     pub monitoring_addr: String,
 
     /// Trust domain of issued SPIFFE identities ('@' is turned into '.').
-    #[arg(long, env = "TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = flag::TRUST_DOMAIN.env, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
     /// Lifetime of a certificate when the request asks for none (Go duration: 90m, 24h, 1h30m).
-    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = DEFAULT_WORKLOAD_CERT_TTL)]
+    #[arg(long, env = flag::DEFAULT_TTL.env, default_value = DEFAULT_WORKLOAD_CERT_TTL)]
     pub default_ttl: String,
 
     /// Longest lifetime a request may ask for; longer requests are refused.
-    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = MAX_WORKLOAD_CERT_TTL)]
+    #[arg(long, env = flag::MAX_TTL.env, default_value = MAX_WORKLOAD_CERT_TTL)]
     pub max_ttl: String,
 
     /// Issuer (`iss`) of bearer JWTs to accept; needs --jwks-file.
@@ -70,14 +70,14 @@ pub struct ServeArgs {
     pub jwks_file: Option<PathBuf>,
 
     /// Accepted JWT audience; repeat the flag (or comma-separate in the env) for several.
-    #[arg(long, env = "PLUGCA_JWT_AUDIENCE", value_delimiter = ',', default_value = DEFAULT_JWT_AUDIENCE)]
+    #[arg(long, env = flag::JWT_AUDIENCE.env, value_delimiter = ',', default_value = DEFAULT_JWT_AUDIENCE)]
     pub jwt_audience: Vec<String>,
 
     /// istiod's JWT_RULE: accept bearer JWTs of an OIDC issuer whose keys are
     /// fetched over HTTPS, as JSON {"issuer": "https://...", "jwks_uri":
     /// "https://...", "audiences": ["..."]}; without jwks_uri the issuer's
     /// /.well-known/openid-configuration names it.
-    #[arg(long, env = "JWT_RULE")]
+    #[arg(long, env = flag::JWT_RULE.env)]
     pub jwt_rule: Option<String>,
 
     /// PEM roots to trust for the --jwt-rule endpoints besides the system roots.
@@ -94,15 +94,15 @@ pub struct ServeArgs {
     pub insecure_trust_csr_identity: bool,
 
     /// Signings in progress at once [default: number of CPUs].
-    #[arg(long, env = "PLUGCA_MAX_CONCURRENT_SIGNS")]
+    #[arg(long, env = flag::MAX_CONCURRENT_SIGNS.env)]
     pub max_concurrent_signs: Option<usize>,
 
     /// How long a request waits for a signing slot before RESOURCE_EXHAUSTED.
-    #[arg(long, env = "PLUGCA_SIGN_QUEUE_TIMEOUT", default_value = DEFAULT_SIGN_QUEUE_TIMEOUT)]
+    #[arg(long, env = flag::SIGN_QUEUE_TIMEOUT.env, default_value = DEFAULT_SIGN_QUEUE_TIMEOUT)]
     pub sign_queue_timeout: String,
 
     /// Lifetime of the generated self-signed root (when no bundle is plugged in).
-    #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", default_value = DEFAULT_SELF_SIGNED_TTL)]
+    #[arg(long, env = flag::SELF_SIGNED_TTL.env, default_value = DEFAULT_SELF_SIGNED_TTL)]
     pub self_signed_ttl: String,
 
     /// Key type of the generated self-signed root.
@@ -125,15 +125,15 @@ pub struct ServeArgs {
     pub extra_trust_roots: Option<PathBuf>,
 
     /// Warn (log and metric) when the signing cert or a root expires within this.
-    #[arg(long, env = "PLUGCA_EXPIRY_WARNING", default_value = DEFAULT_EXPIRY_WARNING)]
+    #[arg(long, env = flag::EXPIRY_WARNING.env, default_value = DEFAULT_EXPIRY_WARNING)]
     pub expiry_warning: String,
 
     /// Re-check the cacerts directory this often even without file events.
-    #[arg(long, env = "PLUGCA_RELOAD_INTERVAL", default_value = DEFAULT_RELOAD_INTERVAL)]
+    #[arg(long, env = flag::RELOAD_INTERVAL.env, default_value = DEFAULT_RELOAD_INTERVAL)]
     pub reload_interval: String,
 
     /// On SIGTERM, how long in-flight requests may take to finish.
-    #[arg(long, env = "PLUGCA_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT)]
+    #[arg(long, env = flag::DRAIN_TIMEOUT.env, default_value = DEFAULT_DRAIN_TIMEOUT)]
     pub drain_timeout: String,
 
     /// TEST HARNESSES ONLY: enable fault injection and the admin endpoints on the
@@ -144,7 +144,7 @@ pub struct ServeArgs {
     /// A fault applied to every request (implies --enable-fault-injection); repeatable.
     /// One of refuse:<grpc code>[:message], empty-chain, leaf-only, latency:<duration>,
     /// expired, not-yet-valid, ttl:<duration>, wrong-key.
-    #[arg(long = "fault", env = "PLUGCA_FAULTS", value_delimiter = ',')]
+    #[arg(long = "fault", env = flag::FAULT.env, value_delimiter = ',')]
     pub faults: Vec<String>,
 
     /// Kubeconfig of the local cluster, for TokenReview authentication and node
@@ -163,7 +163,7 @@ pub struct ServeArgs {
 
     /// Id of the local cluster; a request whose clusterid header is missing,
     /// empty or equal to it is checked against the local API server.
-    #[arg(long, env = "CLUSTER_ID", default_value = DEFAULT_CLUSTER_ID)]
+    #[arg(long, env = flag::CLUSTER_ID.env, default_value = DEFAULT_CLUSTER_ID)]
     pub cluster_id: String,
 
     /// Directory of kubeconfig files, one per remote cluster; the file name is
@@ -172,25 +172,25 @@ pub struct ServeArgs {
     pub remote_kubeconfigs: Option<PathBuf>,
 
     /// Audiences put in TokenReviews (comma-separated): tokens must be issued for one.
-    #[arg(long, env = "TOKEN_AUDIENCES", value_delimiter = ',', default_value = DEFAULT_TOKEN_AUDIENCES)]
+    #[arg(long, env = flag::TOKEN_AUDIENCES.env, value_delimiter = ',', default_value = DEFAULT_TOKEN_AUDIENCES)]
     pub token_audiences: Vec<String>,
 
     /// Longest wait for the Kubernetes API server per TokenReview; past it the
     /// request fails with UNAVAILABLE (clients retry).
-    #[arg(long, env = "PLUGCA_KUBE_API_TIMEOUT", default_value = DEFAULT_KUBE_API_TIMEOUT)]
+    #[arg(long, env = flag::KUBE_API_TIMEOUT.env, default_value = DEFAULT_KUBE_API_TIMEOUT)]
     pub kube_api_timeout: String,
 
     /// CIDRs of gateways (comma-separated) whose x-forwarded-client-cert header
     /// is trusted for the caller's identities; loopback peers are always
     /// trusted once this is set. Empty: XFCC is ignored.
-    #[arg(long, env = "TRUSTED_GATEWAY_CIDR", value_delimiter = ',')]
+    #[arg(long, env = flag::TRUSTED_GATEWAY_CIDRS.env, value_delimiter = ',')]
     pub trusted_gateway_cidrs: Vec<String>,
 
     /// Service accounts (namespace/name, comma-separated) that may ask for other
     /// identities' certificates with ImpersonatedIdentity (ztunnel in shared
     /// mode), e.g. istio-system/ztunnel. Targets are then checked by Kubernetes
     /// node authorization and/or --impersonation-policy.
-    #[arg(long, env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
+    #[arg(long, env = flag::TRUSTED_NODE_ACCOUNTS.env, value_delimiter = ',')]
     pub trusted_node_accounts: Vec<String>,
 
     /// JSON file listing which trusted node accounts may impersonate which
@@ -233,26 +233,36 @@ pub struct ImpersonationConfig {
     pub policy_file: Option<PathBuf>,
 }
 
-/// Validated server configuration.
+/// Validated server configuration, grouped by the part of the server that
+/// reads it.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub cacerts_dir: PathBuf,
+    /// Of issued SPIFFE identities; also the self-signed root's organization.
+    pub trust_domain: TrustDomain,
+    pub server: ServerConfig,
+    pub ca: CaConfig,
+    pub authn: AuthnConfig,
+    pub impersonation: ImpersonationConfig,
+    pub issuance: IssuanceConfig,
+    /// `Some` (possibly empty) when fault injection is enabled.
+    pub faults: Option<Vec<Fault>>,
+    pub log_format: LogFormat,
+}
+
+/// The listeners and the gRPC server around the handler.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     pub monitoring_addr: SocketAddr,
-    pub trust_domain: TrustDomain,
-    pub default_ttl: Duration,
-    pub max_ttl: Duration,
-    pub jwt: Option<JwtConfig>,
-    pub jwt_rule: Option<JwtRuleConfig>,
+    /// Extra DNS names of the serving certificate.
     pub server_dns_names: Vec<String>,
-    pub insecure_trust_csr_identity: bool,
-    pub impersonation: ImpersonationConfig,
-    /// `Some` when Kubernetes authentication (and node authorization) is on.
-    pub kubernetes: Option<KubernetesConfig>,
-    /// `Some` (non-empty) when the XFCC authenticator is on.
-    pub trusted_gateway_cidrs: Option<Vec<Cidr>>,
-    pub max_concurrent_signs: usize,
-    pub sign_queue_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// The CA bundle: where it is, the self-signed fallback, and reloading.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub cacerts_dir: PathBuf,
     pub self_signed_ttl: Duration,
     pub self_signed_key: KeyChoice,
     pub self_signed_dir: Option<PathBuf>,
@@ -260,10 +270,27 @@ pub struct Config {
     pub extra_trust_roots: Option<PathBuf>,
     pub expiry_warning: Duration,
     pub reload_interval: Duration,
-    pub drain_timeout: Duration,
-    /// `Some` (possibly empty) when fault injection is enabled.
-    pub faults: Option<Vec<Fault>>,
-    pub log_format: LogFormat,
+}
+
+/// The authenticators to build; each `None` is off.
+#[derive(Debug, Clone)]
+pub struct AuthnConfig {
+    pub jwt: Option<JwtConfig>,
+    pub jwt_rule: Option<JwtRuleConfig>,
+    /// `Some` when Kubernetes authentication (and node authorization) is on.
+    pub kubernetes: Option<KubernetesConfig>,
+    /// `Some` (non-empty) when the XFCC authenticator is on.
+    pub trusted_gateway_cidrs: Option<Vec<Cidr>>,
+    pub insecure_trust_csr_identity: bool,
+}
+
+/// Lifetimes of issued certificates and the signing limits.
+#[derive(Debug, Clone)]
+pub struct IssuanceConfig {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub max_concurrent_signs: usize,
+    pub sign_queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -293,81 +320,164 @@ pub enum ConfigError {
         "--self-signed-dir must not be the --cacerts-dir ({0}): its files would look like a partial plugged-in bundle"
     )]
     SelfSignedDirIsCacertsDir(PathBuf),
+    /// Flags clap refused (unknown flag, missing value), in clap's words;
+    /// only [`Config::from_args`] returns it (the binary lets clap exit).
+    #[error("{0}")]
+    Flags(String),
+}
+
+impl Config {
+    /// The config `plugca serve <args>` would run with (the environment
+    /// applies as for the binary), for tests and tools that start servers
+    /// in-process: `Config::from_args(&["--grpc-addr", "127.0.0.1:0"])`.
+    pub fn from_args<S: AsRef<str>>(args: &[S]) -> Result<Config, ConfigError> {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let argv = std::iter::once("plugca serve").chain(args.iter().map(AsRef::as_ref));
+        <Serve as clap::Parser>::try_parse_from(argv)
+            .map_err(|e| ConfigError::Flags(e.to_string()))?
+            .args
+            .into_config()
+    }
+}
+
+/// A `plugca serve` flag and its environment variable, as errors name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flag {
+    name: &'static str,
+    env: &'static str,
+}
+
+impl Flag {
+    const fn new(name: &'static str, env: &'static str) -> Flag {
+        Flag { name, env }
+    }
+
+    fn invalid(self, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            flag: self.name,
+            env: self.env,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn addr(self, value: &str) -> Result<SocketAddr, ConfigError> {
+        value
+            .parse()
+            .map_err(|e| self.invalid(value, format!("not an address like 0.0.0.0:15012: {e}")))
+    }
+
+    fn duration(self, value: &str) -> Result<Duration, ConfigError> {
+        duration::parse(value).map_err(|e| self.invalid(value, e.to_string()))
+    }
+
+    fn positive_duration(self, value: &str) -> Result<Duration, ConfigError> {
+        match self.duration(value)? {
+            d if d.is_zero() => Err(self.invalid(value, "must be positive")),
+            d => Ok(d),
+        }
+    }
+
+    /// Comma-separated entries (blanks dropped), each parsed by `parse`.
+    fn list<T>(
+        self,
+        values: &[String],
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, ConfigError> {
+        values
+            .iter()
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(|v| parse(v).map_err(|reason| self.invalid(v, reason)))
+            .collect()
+    }
+}
+
+/// Every flag [`ServeArgs::into_config`] can refuse, with its env.
+mod flag {
+    use super::Flag;
+
+    pub(super) const GRPC_ADDR: Flag = Flag::new("--grpc-addr", "PLUGCA_GRPC_ADDR");
+    pub(super) const MONITORING_ADDR: Flag =
+        Flag::new("--monitoring-addr", "PLUGCA_MONITORING_ADDR");
+    pub(super) const TRUST_DOMAIN: Flag = Flag::new("--trust-domain", "TRUST_DOMAIN");
+    pub(super) const DEFAULT_TTL: Flag = Flag::new("--default-ttl", "DEFAULT_WORKLOAD_CERT_TTL");
+    pub(super) const MAX_TTL: Flag = Flag::new("--max-ttl", "MAX_WORKLOAD_CERT_TTL");
+    pub(super) const JWT_AUDIENCE: Flag = Flag::new("--jwt-audience", "PLUGCA_JWT_AUDIENCE");
+    pub(super) const JWT_RULE: Flag = Flag::new("--jwt-rule", "JWT_RULE");
+    pub(super) const MAX_CONCURRENT_SIGNS: Flag =
+        Flag::new("--max-concurrent-signs", "PLUGCA_MAX_CONCURRENT_SIGNS");
+    pub(super) const SIGN_QUEUE_TIMEOUT: Flag =
+        Flag::new("--sign-queue-timeout", "PLUGCA_SIGN_QUEUE_TIMEOUT");
+    pub(super) const SELF_SIGNED_TTL: Flag =
+        Flag::new("--self-signed-ttl", "CITADEL_SELF_SIGNED_CA_CERT_TTL");
+    pub(super) const EXPIRY_WARNING: Flag = Flag::new("--expiry-warning", "PLUGCA_EXPIRY_WARNING");
+    pub(super) const RELOAD_INTERVAL: Flag =
+        Flag::new("--reload-interval", "PLUGCA_RELOAD_INTERVAL");
+    pub(super) const DRAIN_TIMEOUT: Flag = Flag::new("--drain-timeout", "PLUGCA_DRAIN_TIMEOUT");
+    pub(super) const FAULT: Flag = Flag::new("--fault", "PLUGCA_FAULTS");
+    pub(super) const CLUSTER_ID: Flag = Flag::new("--cluster-id", "CLUSTER_ID");
+    pub(super) const TOKEN_AUDIENCES: Flag = Flag::new("--token-audiences", "TOKEN_AUDIENCES");
+    pub(super) const KUBE_API_TIMEOUT: Flag =
+        Flag::new("--kube-api-timeout", "PLUGCA_KUBE_API_TIMEOUT");
+    pub(super) const TRUSTED_GATEWAY_CIDRS: Flag =
+        Flag::new("--trusted-gateway-cidrs", "TRUSTED_GATEWAY_CIDR");
+    pub(super) const TRUSTED_NODE_ACCOUNTS: Flag =
+        Flag::new("--trusted-node-accounts", "CA_TRUSTED_NODE_ACCOUNTS");
+
+    #[cfg(test)]
+    pub(super) const ALL: &[Flag] = &[
+        GRPC_ADDR,
+        MONITORING_ADDR,
+        TRUST_DOMAIN,
+        DEFAULT_TTL,
+        MAX_TTL,
+        JWT_AUDIENCE,
+        JWT_RULE,
+        MAX_CONCURRENT_SIGNS,
+        SIGN_QUEUE_TIMEOUT,
+        SELF_SIGNED_TTL,
+        EXPIRY_WARNING,
+        RELOAD_INTERVAL,
+        DRAIN_TIMEOUT,
+        FAULT,
+        CLUSTER_ID,
+        TOKEN_AUDIENCES,
+        KUBE_API_TIMEOUT,
+        TRUSTED_GATEWAY_CIDRS,
+        TRUSTED_NODE_ACCOUNTS,
+    ];
 }
 
 impl ServeArgs {
+    /// Parses each value (errors name the flag, its env and the value) and
+    /// applies the rules that span flags, in one pure step.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let invalid = |flag: &'static str, env: &'static str, value: &str, reason: String| {
-            ConfigError::Invalid {
-                flag,
-                env,
-                value: value.to_string(),
-                reason,
-            }
-        };
-        let addr = |flag, env, v: &str| {
-            v.parse::<SocketAddr>().map_err(|e| {
-                invalid(
-                    flag,
-                    env,
-                    v,
-                    format!("not an address like 0.0.0.0:15012: {e}"),
-                )
-            })
-        };
-        let dur = |flag, env, v: &str| {
-            duration::parse(v).map_err(|e| invalid(flag, env, v, e.to_string()))
-        };
-        let trust_domain = TrustDomain::parse(&self.trust_domain).map_err(|e| {
-            invalid(
-                "--trust-domain",
-                "TRUST_DOMAIN",
-                &self.trust_domain,
-                e.to_string(),
-            )
-        })?;
-        let default_ttl = dur(
-            "--default-ttl",
-            "DEFAULT_WORKLOAD_CERT_TTL",
-            &self.default_ttl,
-        )?;
-        let max_ttl = dur("--max-ttl", "MAX_WORKLOAD_CERT_TTL", &self.max_ttl)?;
+        let trust_domain = TrustDomain::parse(&self.trust_domain)
+            .map_err(|e| flag::TRUST_DOMAIN.invalid(&self.trust_domain, e.to_string()))?;
+        let default_ttl = flag::DEFAULT_TTL.duration(&self.default_ttl)?;
+        let max_ttl = flag::MAX_TTL.duration(&self.max_ttl)?;
         if default_ttl.is_zero() {
-            return Err(invalid(
-                "--default-ttl",
-                "DEFAULT_WORKLOAD_CERT_TTL",
-                &self.default_ttl,
-                "must be positive".into(),
-            ));
+            return Err(flag::DEFAULT_TTL.invalid(&self.default_ttl, "must be positive"));
         }
         if max_ttl.is_zero() {
-            return Err(invalid(
-                "--max-ttl",
-                "MAX_WORKLOAD_CERT_TTL",
-                &self.max_ttl,
-                "must be positive".into(),
-            ));
+            return Err(flag::MAX_TTL.invalid(&self.max_ttl, "must be positive"));
         }
         let kubernetes = self.kubernetes_config()?;
         let jwt_rule = match self.jwt_rule.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(json) => Some(JwtRuleConfig {
                 rule: JwtRule::parse(json)
-                    .map_err(|reason| invalid("--jwt-rule", "JWT_RULE", json, reason))?,
+                    .map_err(|reason| flag::JWT_RULE.invalid(json, reason))?,
                 ca_file: self.jwt_rule_ca_file.clone(),
             }),
         };
-        let trusted_gateway_cidrs = self
-            .trusted_gateway_cidrs
-            .iter()
-            .map(|c| c.trim())
-            .filter(|c| !c.is_empty())
-            .map(|c| {
-                c.parse::<Cidr>().map_err(|reason| {
-                    invalid("--trusted-gateway-cidrs", "TRUSTED_GATEWAY_CIDR", c, reason)
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_gateway_cidrs =
+            flag::TRUSTED_GATEWAY_CIDRS.list(&self.trusted_gateway_cidrs, str::parse::<Cidr>)?;
         let impersonation = self.impersonation_config(kubernetes.is_some())?;
         let jwt = match (self.jwt_issuer, self.jwks_file) {
             (Some(issuer), Some(jwks_file)) => {
@@ -377,12 +487,7 @@ impl ServeArgs {
                     .filter(|a| !a.is_empty())
                     .collect();
                 if audiences.is_empty() {
-                    return Err(invalid(
-                        "--jwt-audience",
-                        "PLUGCA_JWT_AUDIENCE",
-                        "",
-                        "at least one audience is needed".into(),
-                    ));
+                    return Err(flag::JWT_AUDIENCE.invalid("", "at least one audience is needed"));
                 }
                 Some(JwtConfig {
                     issuer,
@@ -396,121 +501,85 @@ impl ServeArgs {
         if self.self_signed_dir.as_ref() == Some(&self.cacerts_dir) {
             return Err(ConfigError::SelfSignedDirIsCacertsDir(self.cacerts_dir));
         }
-        let positive = |d: Duration, flag, env, v: &str| {
-            if d.is_zero() {
-                Err(invalid(flag, env, v, "must be positive".into()))
-            } else {
-                Ok(d)
-            }
-        };
         let max_concurrent_signs = match self.max_concurrent_signs {
-            Some(0) => {
-                return Err(invalid(
-                    "--max-concurrent-signs",
-                    "PLUGCA_MAX_CONCURRENT_SIGNS",
-                    "0",
-                    "must be at least 1".into(),
-                ));
-            }
+            Some(0) => return Err(flag::MAX_CONCURRENT_SIGNS.invalid("0", "must be at least 1")),
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
+        let grpc_addr = flag::GRPC_ADDR.addr(&self.grpc_addr)?;
+        let monitoring_addr = flag::MONITORING_ADDR.addr(&self.monitoring_addr)?;
+        let sign_queue_timeout = flag::SIGN_QUEUE_TIMEOUT.duration(&self.sign_queue_timeout)?;
+        let self_signed_ttl = flag::SELF_SIGNED_TTL.duration(&self.self_signed_ttl)?;
+        let expiry_warning = flag::EXPIRY_WARNING.duration(&self.expiry_warning)?;
+        let reload_interval = flag::RELOAD_INTERVAL.positive_duration(&self.reload_interval)?;
+        let drain_timeout = flag::DRAIN_TIMEOUT.duration(&self.drain_timeout)?;
+        let faults = if self.enable_fault_injection || !self.faults.is_empty() {
+            Some(
+                self.faults
+                    .iter()
+                    .filter(|f| !f.is_empty())
+                    .map(|f| {
+                        f.parse::<Fault>()
+                            .map_err(|e| flag::FAULT.invalid(f, e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        };
         Ok(Config {
-            cacerts_dir: self.cacerts_dir,
-            grpc_addr: addr("--grpc-addr", "PLUGCA_GRPC_ADDR", &self.grpc_addr)?,
-            monitoring_addr: addr(
-                "--monitoring-addr",
-                "PLUGCA_MONITORING_ADDR",
-                &self.monitoring_addr,
-            )?,
             trust_domain,
-            default_ttl,
-            max_ttl,
-            jwt,
-            jwt_rule,
-            server_dns_names: self
-                .server_dns_names
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .collect(),
-            insecure_trust_csr_identity: self.insecure_trust_csr_identity,
-            impersonation,
-            kubernetes,
-            trusted_gateway_cidrs: (!trusted_gateway_cidrs.is_empty())
-                .then_some(trusted_gateway_cidrs),
-            max_concurrent_signs,
-            sign_queue_timeout: dur(
-                "--sign-queue-timeout",
-                "PLUGCA_SIGN_QUEUE_TIMEOUT",
-                &self.sign_queue_timeout,
-            )?,
-            self_signed_ttl: dur(
-                "--self-signed-ttl",
-                "CITADEL_SELF_SIGNED_CA_CERT_TTL",
-                &self.self_signed_ttl,
-            )?,
-            self_signed_key: self.self_signed_key,
-            self_signed_dir: self.self_signed_dir,
-            allow_root_replacement: self.allow_root_replacement,
-            extra_trust_roots: self.extra_trust_roots,
-            expiry_warning: dur(
-                "--expiry-warning",
-                "PLUGCA_EXPIRY_WARNING",
-                &self.expiry_warning,
-            )?,
-            reload_interval: positive(
-                dur(
-                    "--reload-interval",
-                    "PLUGCA_RELOAD_INTERVAL",
-                    &self.reload_interval,
-                )?,
-                "--reload-interval",
-                "PLUGCA_RELOAD_INTERVAL",
-                &self.reload_interval,
-            )?,
-            drain_timeout: dur(
-                "--drain-timeout",
-                "PLUGCA_DRAIN_TIMEOUT",
-                &self.drain_timeout,
-            )?,
-            faults: if self.enable_fault_injection || !self.faults.is_empty() {
-                Some(
-                    self.faults
-                        .iter()
-                        .filter(|f| !f.is_empty())
-                        .map(|f| {
-                            f.parse::<Fault>()
-                                .map_err(|e| invalid("--fault", "PLUGCA_FAULTS", f, e.to_string()))
-                        })
-                        .collect::<Result<_, _>>()?,
-                )
-            } else {
-                None
+            server: ServerConfig {
+                grpc_addr,
+                monitoring_addr,
+                server_dns_names: self
+                    .server_dns_names
+                    .into_iter()
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                drain_timeout,
             },
+            ca: CaConfig {
+                cacerts_dir: self.cacerts_dir,
+                self_signed_ttl,
+                self_signed_key: self.self_signed_key,
+                self_signed_dir: self.self_signed_dir,
+                allow_root_replacement: self.allow_root_replacement,
+                extra_trust_roots: self.extra_trust_roots,
+                expiry_warning,
+                reload_interval,
+            },
+            authn: AuthnConfig {
+                jwt,
+                jwt_rule,
+                kubernetes,
+                trusted_gateway_cidrs: (!trusted_gateway_cidrs.is_empty())
+                    .then_some(trusted_gateway_cidrs),
+                insecure_trust_csr_identity: self.insecure_trust_csr_identity,
+            },
+            impersonation,
+            issuance: IssuanceConfig {
+                default_ttl,
+                max_ttl,
+                max_concurrent_signs,
+                sign_queue_timeout,
+            },
+            faults,
             log_format: self.log_format,
         })
     }
-}
 
-impl ServeArgs {
     /// Unlike istiod, which ignores malformed entries with a warning, a
     /// trusted account that is not `namespace/name` is a start-up error.
     fn impersonation_config(&self, kubernetes: bool) -> Result<ImpersonationConfig, ConfigError> {
-        let trusted_node_accounts = self
-            .trusted_node_accounts
-            .iter()
-            .map(|a| a.trim())
-            .filter(|a| !a.is_empty())
-            .map(|a| {
-                a.parse::<NodeAccount>()
-                    .map_err(|reason| ConfigError::Invalid {
-                        flag: "--trusted-node-accounts",
-                        env: "CA_TRUSTED_NODE_ACCOUNTS",
-                        value: a.to_string(),
-                        reason: format!("{reason} (expected namespace/service-account, e.g. istio-system/ztunnel)"),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_node_accounts =
+            flag::TRUSTED_NODE_ACCOUNTS.list(&self.trusted_node_accounts, |a| {
+                a.parse::<NodeAccount>().map_err(|reason| {
+                    format!(
+                        "{reason} (expected namespace/service-account, e.g. istio-system/ztunnel)"
+                    )
+                })
+            })?;
         match (&self.impersonation_policy, trusted_node_accounts.is_empty()) {
             (Some(_), true) => return Err(ConfigError::PolicyWithoutTrustedAccounts),
             (None, false) if !kubernetes => return Err(ConfigError::NoImpersonationAuthorizer),
@@ -535,57 +604,20 @@ impl ServeArgs {
             }
             return Ok(None);
         };
-        let invalid = |flag, env, value: &str, reason: &str| ConfigError::Invalid {
-            flag,
-            env,
-            value: value.to_string(),
-            reason: reason.to_string(),
-        };
         if self.cluster_id.is_empty() {
-            return Err(invalid(
-                "--cluster-id",
-                "CLUSTER_ID",
-                "",
-                "the local cluster needs an id",
-            ));
+            return Err(flag::CLUSTER_ID.invalid("", "the local cluster needs an id"));
         }
-        let token_audiences: Vec<String> = self
-            .token_audiences
-            .iter()
-            .map(|a| a.trim().to_string())
-            .filter(|a| !a.is_empty())
-            .collect();
+        let token_audiences =
+            flag::TOKEN_AUDIENCES.list(&self.token_audiences, |a| Ok(a.to_string()))?;
         if token_audiences.is_empty() {
-            return Err(invalid(
-                "--token-audiences",
-                "TOKEN_AUDIENCES",
-                "",
-                "at least one audience is needed",
-            ));
+            return Err(flag::TOKEN_AUDIENCES.invalid("", "at least one audience is needed"));
         }
-        let api_timeout = duration::parse(&self.kube_api_timeout)
-            .map_err(|e| e.to_string())
-            .and_then(|d| {
-                if d.is_zero() {
-                    Err("must be positive".to_string())
-                } else {
-                    Ok(d)
-                }
-            })
-            .map_err(|reason| {
-                invalid(
-                    "--kube-api-timeout",
-                    "PLUGCA_KUBE_API_TIMEOUT",
-                    &self.kube_api_timeout,
-                    &reason,
-                )
-            })?;
         Ok(Some(KubernetesConfig {
             local,
             cluster_id: self.cluster_id.clone(),
             remote_kubeconfigs: self.remote_kubeconfigs.clone(),
             token_audiences,
-            api_timeout,
+            api_timeout: flag::KUBE_API_TIMEOUT.positive_duration(&self.kube_api_timeout)?,
         }))
     }
 }
@@ -593,31 +625,47 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        serve: ServeArgs,
-    }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut all = vec!["plugca"];
-        all.extend_from_slice(args);
-        T::try_parse_from(all).unwrap().serve.into_config()
+        Config::from_args(args)
+    }
+
+    #[test]
+    fn every_flag_an_error_names_is_a_serve_flag_with_that_env() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let command = <Serve as clap::CommandFactory>::command();
+        for f in flag::ALL {
+            let arg = command
+                .get_arguments()
+                .find(|a| {
+                    a.get_long()
+                        .is_some_and(|l| f.name.strip_prefix("--") == Some(l))
+                })
+                .unwrap_or_else(|| panic!("{} is not a flag of plugca serve", f.name));
+            assert_eq!(
+                arg.get_env(),
+                Some(std::ffi::OsStr::new(f.env)),
+                "{}",
+                f.name
+            );
+        }
     }
 
     #[test]
     fn defaults_match_istiod() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.cacerts_dir, PathBuf::from("/etc/cacerts"));
-        assert_eq!(c.grpc_addr.port(), 15012);
-        assert_eq!(c.monitoring_addr.port(), 15014);
+        assert_eq!(c.ca.cacerts_dir, PathBuf::from("/etc/cacerts"));
+        assert_eq!(c.server.grpc_addr.port(), 15012);
+        assert_eq!(c.server.monitoring_addr.port(), 15014);
         assert_eq!(c.trust_domain.as_str(), "cluster.local");
-        assert_eq!(c.default_ttl, Duration::from_secs(86_400));
-        assert_eq!(c.max_ttl, Duration::from_secs(2160 * 3600));
-        assert!(c.jwt.is_none());
-        assert!(!c.insecure_trust_csr_identity);
+        assert_eq!(c.issuance.default_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.issuance.max_ttl, Duration::from_secs(2160 * 3600));
+        assert!(c.authn.jwt.is_none());
+        assert!(!c.authn.insecure_trust_csr_identity);
     }
 
     #[test]
@@ -637,7 +685,7 @@ mod tests {
             "b",
         ])
         .unwrap();
-        assert_eq!(c.jwt.unwrap().audiences, ["a", "b"]);
+        assert_eq!(c.authn.jwt.unwrap().audiences, ["a", "b"]);
     }
 
     #[test]
@@ -658,7 +706,7 @@ mod tests {
     #[test]
     fn server_dns_names_are_comma_separated() {
         let c = parse(&["--server-dns-names", "a.com,b.com"]).unwrap();
-        assert_eq!(c.server_dns_names, ["a.com", "b.com"]);
+        assert_eq!(c.server.server_dns_names, ["a.com", "b.com"]);
     }
 
     #[test]
@@ -689,23 +737,29 @@ mod tests {
 
     #[test]
     fn kubernetes_comes_from_a_kubeconfig_or_the_pod_environment() {
-        let c = parse(&["--kubeconfig", "/k"]).unwrap().kubernetes.unwrap();
+        let c = parse(&["--kubeconfig", "/k"])
+            .unwrap()
+            .authn
+            .kubernetes
+            .unwrap();
         assert_eq!(c.local, KubeSource::Kubeconfig(PathBuf::from("/k")));
         assert_eq!(c.cluster_id, "Kubernetes");
         assert_eq!(c.token_audiences, ["istio-ca"]);
         assert_eq!(c.api_timeout, Duration::from_secs(5));
         let c = parse(&["--kubernetes-service-host", "10.0.0.1"])
             .unwrap()
+            .authn
             .kubernetes
             .unwrap();
         assert_eq!(c.local, KubeSource::InCluster);
         assert!(
             parse(&["--kubernetes-service-host", "10.0.0.1", "--no-kubernetes"])
                 .unwrap()
+                .authn
                 .kubernetes
                 .is_none()
         );
-        assert!(parse(&[]).unwrap().kubernetes.is_none());
+        assert!(parse(&[]).unwrap().authn.kubernetes.is_none());
         let c = parse(&[
             "--kubeconfig",
             "/k",
@@ -717,6 +771,7 @@ mod tests {
             "1s",
         ])
         .unwrap()
+        .authn
         .kubernetes
         .unwrap();
         assert_eq!(c.cluster_id, "east");
@@ -726,14 +781,14 @@ mod tests {
 
     #[test]
     fn a_jwt_rule_is_istiods_json() {
-        assert!(parse(&[]).unwrap().jwt_rule.is_none());
-        assert!(parse(&["--jwt-rule", ""]).unwrap().jwt_rule.is_none());
+        assert!(parse(&[]).unwrap().authn.jwt_rule.is_none());
+        assert!(parse(&["--jwt-rule", ""]).unwrap().authn.jwt_rule.is_none());
         let c = parse(&[
             "--jwt-rule",
             r#"{"issuer":"https://idp","jwks_uri":"https://idp/keys","audiences":["istio-ca"]}"#,
         ])
         .unwrap();
-        assert_eq!(c.jwt_rule.unwrap().rule.issuer, "https://idp");
+        assert_eq!(c.authn.jwt_rule.unwrap().rule.issuer, "https://idp");
         let e = parse(&["--jwt-rule", r#"{"issuer":"https://idp"}"#])
             .unwrap_err()
             .to_string();
@@ -746,10 +801,11 @@ mod tests {
 
     #[test]
     fn trusted_gateway_cidrs_enable_xfcc() {
-        assert!(parse(&[]).unwrap().trusted_gateway_cidrs.is_none());
+        assert!(parse(&[]).unwrap().authn.trusted_gateway_cidrs.is_none());
         let c = parse(&["--trusted-gateway-cidrs", "172.17.0.0/16, 2001:db8::/56"]).unwrap();
         assert_eq!(
-            c.trusted_gateway_cidrs
+            c.authn
+                .trusted_gateway_cidrs
                 .unwrap()
                 .iter()
                 .map(ToString::to_string)

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! The modules follow a request's path:
-//! - [`config`]: command-line flags and environment to a typed [`config::Config`].
+//! - [`config`]: command-line flags and environment to a typed [`config::Config`]
+//!   (also [`config::Config::from_args`] for tools and tests).
 //! - [`ca`]: loading and checking the plugged-in bundle, CA keys, generation, leaf signing,
 //!   and [`ca::Current`], the bundle serving now.
 //! - [`authn`]: who the caller is ([`authn::Caller`]), one module per authenticator.
@@ -10,20 +11,24 @@
 //! - [`kubernetes`]: API clients per cluster (TokenReview, pod watch).
 //! - [`csr`]: untrusted CSR bytes to a [`csr::VerifiedCsr`].
 //! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
-//! - [`server`]: the gRPC handler; `server::error` maps errors to statuses in one place,
-//!   `server::harness` is fault injection and the issued log (test harnesses only).
+//! - [`server`]: the gRPC handler; [`server::error`] the one error-to-status mapping,
+//!   `server::audit` the audit line, [`server::harness`] faults and the issued log.
 //! - [`tls`]: the serving certificate and the TLS listener.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
-//! - [`app`]: binds the listeners and runs everything.
-//! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`, ...).
-//! - [`bench`]: `plugca bench`, the load generator and the offline issuance ceiling.
+//! - [`app`]: [`app::spawn`], the one way to start a server (the binary,
+//!   `plugca bench`, `testing` and the integration tests), binding every
+//!   listener first and running everything.
+//! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`,
+//!   `doctor` with its findings in `cli::doctor::findings`, `bench` with the
+//!   load generator and the offline issuance ceiling in `cli::bench::*`).
+//! - [`jwt_issuer`]: a JWT issuer (key, JWKS, tokens) for bench and tests.
+//! - `testing` (feature `testing`): the in-process server and test CA.
 //! - [`identity`], [`pem`], [`asn1`], [`duration`]: shared building blocks.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod asn1;
 pub mod authn;
-pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod client;
@@ -34,6 +39,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod impersonation;
 pub mod issuance;
+pub mod jwt_issuer;
 pub mod kubernetes;
 pub mod metrics;
 pub mod monitoring;

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use plugca::app::App;
 use plugca::cli::{Cli, Command, EXIT_START, EXIT_USAGE};
 use plugca::config::LogFormat;
 
@@ -32,15 +31,14 @@ async fn main() -> ExitCode {
     };
     // Flushes buffered log lines when main returns.
     let _log = init_tracing(log_format, "info");
-    let app = match App::build(&config).await {
-        Ok(app) => app,
+    let running = match plugca::app::spawn(&config).await {
+        Ok(running) => running,
         Err(e) => {
             eprintln!("plugca: error: {e}");
             return ExitCode::from(EXIT_START);
         }
     };
-    tracing::info!(grpc = %app.grpc_addr(), monitoring = %app.monitoring_addr(), "listening");
-    match app.run(plugca::app::shutdown_signal()).await {
+    match running.run_until(plugca::app::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("plugca: error: {e}");

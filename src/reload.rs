@@ -48,6 +48,20 @@ pub enum ReloadOutcome {
     Kept,
 }
 
+/// What a [`Reloader`] watches and the rules it applies (from the config).
+#[derive(Debug, Clone)]
+pub struct ReloadSettings {
+    /// The cacerts directory.
+    pub dir: PathBuf,
+    /// DNS names of the serving certificate, re-issued on every swap.
+    pub dns_names: Vec<String>,
+    pub allow_root_replacement: bool,
+    pub extra_trust_roots: Option<PathBuf>,
+    /// The self-signed root used when the directory holds no bundle.
+    pub self_signed: SelfSignedSpec,
+    pub expiry_warning: Duration,
+}
+
 /// Settings and shared state of the reloader.
 pub struct Reloader {
     pub dir: PathBuf,
@@ -64,18 +78,21 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    #[allow(clippy::too_many_arguments)]
+    /// A reloader for `settings` that swaps `ca` and `tls` and counts in `metrics`.
     pub fn new(
-        dir: PathBuf,
+        settings: ReloadSettings,
         ca: Arc<Current>,
         tls: Arc<ArcSwap<rustls::ServerConfig>>,
-        dns_names: Vec<String>,
         metrics: Arc<Metrics>,
-        allow_root_replacement: bool,
-        extra_trust_roots: Option<PathBuf>,
-        self_signed: SelfSignedSpec,
-        expiry_warning: Duration,
     ) -> Self {
+        let ReloadSettings {
+            dir,
+            dns_names,
+            allow_root_replacement,
+            extra_trust_roots,
+            self_signed,
+            expiry_warning,
+        } = settings;
         Reloader {
             dir,
             ca,

@@ -20,13 +20,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser as _;
+use jsonwebtoken::Algorithm;
 use tonic::transport::Channel;
 
-use crate::app::{App, AppError};
+use crate::app::{self, AppError, Running};
 use crate::ca::Current;
-use crate::cli::{Cli, Command};
 use crate::client::{self, ClientError, Connection};
+use crate::config::Config;
+use crate::jwt_issuer::JwtIssuer;
 use crate::metrics::Metrics;
 use crate::pb::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::server::harness::{Faults, IssuedLog, IssuedRecord};
@@ -105,19 +106,10 @@ impl TestCaBuilder {
             Some(d) => d.clone(),
             None => scratch.path().join("cacerts-empty"),
         };
-        let mut args: Vec<String> = [
-            "plugca",
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--monitoring-addr",
-            "127.0.0.1:0",
-            "--enable-fault-injection",
-            "--trust-domain",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = ["--enable-fault-injection", "--trust-domain"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         args.push(self.trust_domain.clone());
         args.push("--cacerts-dir".into());
         args.push(cacerts.display().to_string());
@@ -125,9 +117,10 @@ impl TestCaBuilder {
         match self.authn {
             TestAuthn::LabMode => args.push("--insecure-trust-csr-identity".into()),
             TestAuthn::Jwt => {
-                let (key, jwks) = jwt_key_and_jwks().map_err(TestCaError::Config)?;
+                let key = JwtIssuer::generate(Algorithm::ES256, "plugca-test")
+                    .map_err(|e| TestCaError::Config(e.to_string()))?;
                 let jwks_path = scratch.path().join("jwks.json");
-                std::fs::write(&jwks_path, jwks)?;
+                std::fs::write(&jwks_path, JwtIssuer::jwks(&[&key]))?;
                 args.extend([
                     "--jwt-issuer".into(),
                     TEST_JWT_ISSUER.into(),
@@ -138,54 +131,160 @@ impl TestCaBuilder {
             }
         }
         args.extend(self.extra_args.iter().cloned());
-        let cli = Cli::try_parse_from(&args).map_err(|e| TestCaError::Config(e.to_string()))?;
-        let Command::Serve(serve) = cli.command else {
-            return Err(TestCaError::Config("not a serve command".into()));
+        let server = Server::spawn(&args).await?;
+        server
+            .running
+            .wait_ready(Duration::from_secs(10))
+            .await
+            .map_err(|_| {
+                TestCaError::Config("the test CA did not become ready within 10 s".into())
+            })?;
+        Ok(TestCa {
+            faults: server.running.faults().unwrap_or_default(),
+            issued: server.running.issued_log().unwrap_or_default(),
+            server,
+            jwt_key,
+            trust_domain: self.trust_domain,
+            _scratch: scratch,
+        })
+    }
+}
+
+/// A running in-process `plugca serve` on loopback port-0 listeners, and
+/// what a client needs to reach it: the server the integration tests start.
+/// Built on [`app::spawn`], like the binary.
+pub struct Server {
+    pub grpc: SocketAddr,
+    pub monitoring: SocketAddr,
+    /// The root bundle clients should trust.
+    pub root_pem: String,
+    pub metrics: Arc<Metrics>,
+    pub ca: Arc<Current>,
+    running: Running,
+}
+
+impl Server {
+    /// Starts `plugca serve` with `args` plus `--grpc-addr 127.0.0.1:0
+    /// --monitoring-addr 127.0.0.1:0` and waits (at most 5 s) until it is
+    /// ready. Panics when it cannot start: for tests.
+    pub async fn start<S: AsRef<str>>(args: &[S]) -> Server {
+        let server = match Server::spawn(args).await {
+            Ok(server) => server,
+            Err(e) => panic!("the test server did not start: {e}"),
         };
-        let config = serve
-            .into_config()
-            .map_err(|e| TestCaError::Config(e.to_string()))?;
-        let app = App::build(&config).await?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut ca = TestCa {
-            addr: app.grpc_addr(),
-            monitoring_addr: app.monitoring_addr(),
-            root_pem: app
+        if server
+            .running
+            .wait_ready(Duration::from_secs(5))
+            .await
+            .is_err()
+        {
+            panic!("the server did not become ready within 5 s");
+        }
+        server
+    }
+
+    /// Starts the server without waiting for `/ready`.
+    pub async fn spawn<S: AsRef<str>>(args: &[S]) -> Result<Server, TestCaError> {
+        let mut all = vec![
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ];
+        all.extend(args.iter().map(AsRef::as_ref));
+        let config = Config::from_args(&all).map_err(|e| TestCaError::Config(e.to_string()))?;
+        let running = app::spawn(&config).await?;
+        Ok(Server {
+            grpc: running.grpc_addr(),
+            monitoring: running.monitoring_addr(),
+            root_pem: running
                 .ca()
                 .current()
                 .map(|b| b.root_bundle().to_string())
                 .unwrap_or_default(),
-            ca_state: app.ca(),
-            metrics: app.metrics(),
-            faults: app.faults().unwrap_or_default(),
-            issued: app.issued_log().unwrap_or_default(),
-            jwt_key,
-            trust_domain: self.trust_domain,
-            stop: Some(stop),
-            task: None,
-            _scratch: scratch,
-        };
-        ca.task = Some(tokio::spawn(app.run(async move {
-            let _ = stopped.await;
-        })));
-        wait_ready(ca.monitoring_addr).await?;
-        Ok(ca)
+            metrics: running.metrics(),
+            ca: running.ca(),
+            running,
+        })
     }
+
+    /// The running server (reloader, faults, issued log).
+    pub fn running(&self) -> &Running {
+        &self.running
+    }
+
+    /// A connected client that trusts the server's root.
+    pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        self.client_with(None).await
+    }
+
+    /// A connected client presenting `identity` (certificate chain PEM, key PEM).
+    pub async fn client_with(
+        &self,
+        identity: Option<(String, String)>,
+    ) -> IstioCertificateServiceClient<Channel> {
+        let connected = client::connect(&Connection {
+            addr: self.grpc.to_string(),
+            root_cert_pem: self.root_pem.clone(),
+            server_name: None,
+            client_identity: identity,
+            timeout: Duration::from_secs(20),
+        })
+        .await;
+        match connected {
+            Ok(c) => c,
+            Err(e) => panic!("cannot connect to the test server: {e}"),
+        }
+    }
+
+    /// Stops the server and waits for in-flight requests; panics if it failed.
+    pub async fn stop(self) {
+        if let Err(e) = self.running.stop().await {
+            panic!("the test server failed: {e}");
+        }
+    }
+
+    /// GET a monitoring path; returns (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.monitoring, path).await
+    }
+}
+
+/// Minimal HTTP/1.1 GET over a raw socket (no extra client dependency);
+/// panics on a connection failure or a malformed answer: for tests.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => panic!("GET {path}: cannot connect to {addr}: {e}"),
+    };
+    let sent = s
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+    let mut buf = Vec::new();
+    if let Err(e) = sent.and(s.read_to_end(&mut buf).await.map(drop)) {
+        panic!("GET {path} on {addr}: {e}");
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let Some(status) = text.get(9..12).and_then(|s| s.parse().ok()) else {
+        panic!("GET {path} on {addr}: not an HTTP answer: {text:?}");
+    };
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A running in-process CA.
 pub struct TestCa {
-    addr: SocketAddr,
-    monitoring_addr: SocketAddr,
-    root_pem: String,
-    ca_state: Arc<Current>,
-    metrics: Arc<Metrics>,
+    server: Server,
     faults: Arc<Faults>,
     issued: Arc<IssuedLog>,
-    jwt_key: Option<jsonwebtoken::EncodingKey>,
+    jwt_key: Option<JwtIssuer>,
     trust_domain: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), AppError>>>,
     _scratch: tempfile::TempDir,
 }
 
@@ -201,17 +300,17 @@ impl TestCa {
 
     /// The gRPC (TLS) address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.grpc
     }
 
     /// The monitoring (HTTP) address: `/ready`, `/metrics`, `/faults`, `/issued`.
     pub fn monitoring_addr(&self) -> SocketAddr {
-        self.monitoring_addr
+        self.server.monitoring
     }
 
     /// The root bundle clients should trust (the last response element).
     pub fn root_pem(&self) -> &str {
-        &self.root_pem
+        &self.server.root_pem
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -226,8 +325,8 @@ impl TestCa {
     /// A connected client that trusts the CA's root.
     pub async fn client(&self) -> Result<IstioCertificateServiceClient<Channel>, TestCaError> {
         Ok(client::connect(&Connection {
-            addr: self.addr.to_string(),
-            root_cert_pem: self.root_pem.clone(),
+            addr: self.server.grpc.to_string(),
+            root_cert_pem: self.server.root_pem.clone(),
             server_name: None,
             client_identity: None,
             timeout: Duration::from_secs(30),
@@ -252,18 +351,8 @@ impl TestCa {
         let Some(key) = &self.jwt_key else {
             panic!("mint_token needs TestCa::builder().jwt()");
         };
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("plugca-test".into());
-        let claims = serde_json::json!({
-            "iss": TEST_JWT_ISSUER,
-            "aud": [audience],
-            "sub": format!("system:serviceaccount:{ns}:{sa}"),
-            "iat": now,
-            "nbf": now - 60,
-            "exp": now + lifetime_secs,
-        });
-        jsonwebtoken::encode(&header, &claims, key).unwrap_or_default()
+        key.mint_service_account(TEST_JWT_ISSUER, audience, ns, sa, lifetime_secs)
+            .unwrap_or_default()
     }
 
     /// Every certificate issued so far, oldest first.
@@ -278,62 +367,16 @@ impl TestCa {
 
     /// The live CA state (swap bundles in tests with [`Current::replace`]).
     pub fn ca_state(&self) -> &Arc<Current> {
-        &self.ca_state
+        &self.server.ca
     }
 
     /// The Prometheus text the monitoring port would serve.
     pub fn metrics_text(&self) -> String {
-        self.metrics.render()
+        self.server.metrics.render()
     }
 
     /// Stops the CA and waits for in-flight requests.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn shutdown(self) {
+        let _ = self.server.running.stop().await;
     }
-}
-
-impl Drop for TestCa {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// Waits (at most 10 s) until `/ready` answers 200.
-async fn wait_ready(addr: SocketAddr) -> Result<(), TestCaError> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    for _ in 0..400 {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            let _ = s
-                .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut buf = Vec::new();
-            let _ = s.read_to_end(&mut buf).await;
-            if buf.starts_with(b"HTTP/1.1 200") {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    Err(TestCaError::Config(
-        "the test CA did not become ready within 10 s".into(),
-    ))
-}
-
-/// A P-256 signing key and a JWKS naming it `plugca-test`.
-fn jwt_key_and_jwks() -> Result<(jsonwebtoken::EncodingKey, Vec<u8>), String> {
-    let kp =
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-    let key = jsonwebtoken::EncodingKey::from_ec_der(&kp.serialize_der());
-    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, jsonwebtoken::Algorithm::ES256)
-        .map_err(|e| e.to_string())?;
-    jwk.common.key_id = Some("plugca-test".into());
-    let set = jsonwebtoken::jwk::JwkSet { keys: vec![jwk] };
-    Ok((key, serde_json::to_vec(&set).map_err(|e| e.to_string())?))
 }

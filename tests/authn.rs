@@ -33,7 +33,7 @@ fn plain_csr() -> String {
 
 /// Issues a certificate for the default token's identity; returns the
 /// response and the key, as a workload would keep them.
-async fn jwt_issued(server: &TestServer, keys: &JwtKeys) -> (Vec<String>, rcgen::KeyPair) {
+async fn jwt_issued(server: &Server, keys: &JwtKeys) -> (Vec<String>, rcgen::KeyPair) {
     let mut client = server.client().await;
     let key = p256();
     let chain = request(
@@ -424,7 +424,7 @@ async fn a_client_certificate_from_our_ca_for_another_trust_domain_is_unauthenti
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lab_mode_issues_the_csr_identity_when_it_is_in_the_trust_domain() {
-    let server = start_server(&server_args(samples(), &["--insecure-trust-csr-identity"])).await;
+    let server = Server::start(&server_args(samples(), &["--insecure-trust-csr-identity"])).await;
     let mut client = server.client().await;
     let chain = request(
         &mut client,
@@ -440,7 +440,7 @@ async fn lab_mode_issues_the_csr_identity_when_it_is_in_the_trust_domain() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lab_mode_refuses_csrs_without_exactly_one_spiffe_id_in_the_trust_domain() {
-    let server = start_server(&server_args(samples(), &["--insecure-trust-csr-identity"])).await;
+    let server = Server::start(&server_args(samples(), &["--insecure-trust-csr-identity"])).await;
     let mut client = server.client().await;
     let cases: [(&str, Vec<&str>); 5] = [
         (

@@ -209,7 +209,7 @@ async fn request_writes_key_chain_and_root_like_istio_agent() {
         "--out",
         p(&cacerts),
     ]));
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         p(&cacerts),
         "--insecure-trust-csr-identity",

@@ -136,7 +136,7 @@ async fn every_fault_misbehaves_as_named_and_queued_faults_apply_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn non_rust_harnesses_reach_the_faults_through_flags_and_the_admin_endpoint() {
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         CERTS,
         "--insecure-trust-csr-identity",
@@ -210,7 +210,7 @@ async fn non_rust_harnesses_reach_the_faults_through_flags_and_the_admin_endpoin
     server.stop().await;
 
     // Without fault injection the admin endpoints do not exist.
-    let plain = TestServer::start(&["--cacerts-dir", CERTS]).await;
+    let plain = Server::start(&["--cacerts-dir", CERTS]).await;
     assert_eq!(
         http_send(plain.monitoring, "PUT", "/faults", "leaf-only")
             .await

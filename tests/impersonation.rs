@@ -32,7 +32,7 @@ async fn policy_server(
     keys: &JwtKeys,
     policy: &str,
     extra: &[&str],
-) -> (TestServer, tempfile::TempDir) {
+) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let policy_path = write_temp(dir.path(), "policy.json", policy);
     let mut args = server_args(
@@ -46,7 +46,7 @@ async fn policy_server(
     args.push(policy_path.display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(keys.server_args());
-    (start_server(&args).await, dir)
+    (Server::start(&args).await, dir)
 }
 
 fn token_for(keys: &JwtKeys, sub: &str) -> String {
@@ -75,7 +75,7 @@ fn ztunnel_request(token: String, target: &str, cluster: Option<&str>) -> (Strin
     (csr_pem, opts)
 }
 
-async fn authn_failures(server: &TestServer) -> u64 {
+async fn authn_failures(server: &Server) -> u64 {
     metric(server, "citadel_server_authentication_failure_count")
         .await
         .unwrap()
@@ -307,9 +307,7 @@ async fn a_policy_naming_an_untrusted_caller_stops_the_server_at_start() {
         "policy.json",
         r#"[{"caller": "default/sleep", "may_impersonate": ["ns-a/*"]}]"#,
     );
-    let cli = <plugca::cli::Cli as clap::Parser>::try_parse_from([
-        "plugca",
-        "serve",
+    let config = plugca::config::Config::from_args(&[
         "--grpc-addr",
         "127.0.0.1:0",
         "--monitoring-addr",
@@ -322,11 +320,7 @@ async fn a_policy_naming_an_untrusted_caller_stops_the_server_at_start() {
         policy.to_str().unwrap(),
     ])
     .unwrap();
-    let plugca::cli::Command::Serve(serve) = cli.command else {
-        unreachable!()
-    };
-    let config = serve.into_config().unwrap();
-    let e = match plugca::app::App::build(&config).await {
+    let e = match plugca::app::spawn(&config).await {
         Ok(_) => panic!("the server started with an invalid policy"),
         Err(e) => e.to_string(),
     };
@@ -349,7 +343,7 @@ async fn node_server(
     local: &FakeApiServer,
     remote: Option<&FakeApiServer>,
     extra: &[&str],
-) -> (TestServer, tempfile::TempDir) {
+) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = local.write_kubeconfig(&dir.path().join("kubeconfig"));
     let mut args = server_args(
@@ -371,7 +365,7 @@ async fn node_server(
         args.push(remotes.display().to_string());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    (start_server(&args).await, dir)
+    (Server::start(&args).await, dir)
 }
 
 /// A cluster with ztunnel-a on zt-node; returns ztunnel's pod.
@@ -606,7 +600,7 @@ async fn without_trusted_node_accounts_kubernetes_callers_cannot_impersonate() {
     fake.put_pod(FakePod::running("ns-a", "a", "sa-a", ZT_NODE));
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig"));
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         CERTS,
         "--kubeconfig",

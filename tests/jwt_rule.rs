@@ -21,7 +21,7 @@ fn jwks_of(keys: &JwtKeys) -> Value {
 }
 
 /// A server trusting `issuer` through --jwt-rule (with `jwks_uri` unless `discover`).
-async fn rule_server(issuer: &FakeIssuer, discover: bool) -> (TestServer, tempfile::TempDir) {
+async fn rule_server(issuer: &FakeIssuer, discover: bool) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let ca = write_temp(dir.path(), "issuer-ca.pem", &issuer.ca_pem);
     let rule = if discover {
@@ -38,10 +38,10 @@ async fn rule_server(issuer: &FakeIssuer, discover: bool) -> (TestServer, tempfi
             ca.to_str().unwrap(),
         ],
     );
-    (start_server(&args).await, dir)
+    (Server::start(&args).await, dir)
 }
 
-fn token(key: &jsonwebtoken::EncodingKey, kid: &str, issuer: &str, sub: &str) -> String {
+fn token(key: &plugca::jwt_issuer::JwtIssuer, kid: &str, issuer: &str, sub: &str) -> String {
     mint(
         key,
         Algorithm::ES256,

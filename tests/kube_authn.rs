@@ -21,13 +21,13 @@ fn authn_failure() -> (Code, String) {
 }
 
 /// A plugca server using `fake` as its local cluster, plus `extra` flags.
-async fn kube_server(fake: &FakeApiServer, extra: &[&str]) -> (TestServer, tempfile::TempDir) {
+async fn kube_server(fake: &FakeApiServer, extra: &[&str]) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = fake.write_kubeconfig(&dir.path().join("kubeconfig"));
     let mut args = server_args(std::path::Path::new(CERTS), &["--kubeconfig"]);
     args.push(kubeconfig.display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
-    (start_server(&args).await, dir)
+    (Server::start(&args).await, dir)
 }
 
 fn with_cluster(token: String, cluster: Option<&str>) -> RequestOptions {
@@ -445,9 +445,7 @@ async fn an_api_server_slower_than_the_timeout_gives_unavailable_then_recovers()
 async fn a_bad_kubeconfig_stops_the_server_at_start_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_temp(dir.path(), "kubeconfig", "not: [a kubeconfig");
-    let cli = <plugca::cli::Cli as clap::Parser>::try_parse_from([
-        "plugca",
-        "serve",
+    let config = plugca::config::Config::from_args(&[
         "--grpc-addr",
         "127.0.0.1:0",
         "--monitoring-addr",
@@ -458,11 +456,7 @@ async fn a_bad_kubeconfig_stops_the_server_at_start_naming_the_file() {
         path.to_str().unwrap(),
     ])
     .unwrap();
-    let plugca::cli::Command::Serve(serve) = cli.command else {
-        unreachable!()
-    };
-    let config = serve.into_config().unwrap();
-    let e = match plugca::app::App::build(&config).await {
+    let e = match plugca::app::spawn(&config).await {
         Ok(_) => panic!("started with a broken kubeconfig"),
         Err(e) => e.to_string(),
     };

@@ -40,8 +40,7 @@ async fn issued_leaves_and_generated_cas_pass_pkilint() {
         std::fs::read_to_string(format!("{CERTS}/root-cert.pem")).unwrap(),
     ];
     for dir in [CERTS, SAMPLES] {
-        let server =
-            TestServer::start(&["--cacerts-dir", dir, "--insecure-trust-csr-identity"]).await;
+        let server = Server::start(&["--cacerts-dir", dir, "--insecure-trust-csr-identity"]).await;
         let mut client = server.client().await;
         let id = "spiffe://cluster.local/ns/foo/sa/bar";
         for key in [

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use plugca::client::CsrShape;
+use plugca::testing::http_get;
 
 const ID: &str = "spiffe://cluster.local/ns/foo/sa/bar";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn excess_requests_get_resource_exhausted_before_the_slow_one_finishes() {
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         CERTS,
         "--insecure-trust-csr-identity",
@@ -88,7 +89,7 @@ async fn excess_requests_get_resource_exhausted_before_the_slow_one_finishes() {
     server.stop().await;
 }
 
-async fn server_faults_next(server: &TestServer, spec: &str) {
+async fn server_faults_next(server: &Server, spec: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(server.monitoring)
         .await
@@ -237,7 +238,7 @@ fn field(line: &str, key: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_health_and_reflection_are_served_on_the_grpc_port() {
-    let server = TestServer::start(&["--cacerts-dir", CERTS]).await;
+    let server = Server::start(&["--cacerts-dir", CERTS]).await;
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&server.root_pem));
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.grpc))
@@ -292,8 +293,7 @@ async fn grpc_health_and_reflection_are_served_on_the_grpc_port() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_requests_are_refused_and_the_server_keeps_serving() {
-    let server =
-        TestServer::start(&["--cacerts-dir", CERTS, "--insecure-trust-csr-identity"]).await;
+    let server = Server::start(&["--cacerts-dir", CERTS, "--insecure-trust-csr-identity"]).await;
     let mut client = server.client().await;
     // Over the gRPC message limit.
     let huge = "A".repeat(plugca::app::MAX_GRPC_MESSAGE_BYTES + 1024);

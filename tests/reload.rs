@@ -70,7 +70,7 @@ fn write_bundle(dir: &Path, ca: &GeneratedCa, roots: &[&GeneratedCa]) {
 }
 
 /// Waits (bounded) until the server's signing certificate is `ca`'s.
-async fn wait_for_signing(server: &TestServer, ca: &GeneratedCa) {
+async fn wait_for_signing(server: &Server, ca: &GeneratedCa) {
     for _ in 0..200 {
         if server.ca.current().unwrap().signing_cert().der == ca.cert_der {
             return;
@@ -81,7 +81,7 @@ async fn wait_for_signing(server: &TestServer, ca: &GeneratedCa) {
 }
 
 /// Waits (bounded) until a metrics line with `prefix` has at least `min`.
-async fn wait_for_metric(server: &TestServer, prefix: &str, min: f64) -> String {
+async fn wait_for_metric(server: &Server, prefix: &str, min: f64) -> String {
     for _ in 0..200 {
         let (_, text) = server.http_get("/metrics").await;
         if metric(&text, prefix).is_some_and(|v| v >= min) {
@@ -99,13 +99,13 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-async fn issue_one(server: &TestServer) -> Vec<String> {
+async fn issue_one(server: &Server) -> Vec<String> {
     issue_trusting(server, &server.root_pem).await
 }
 
 /// Issues one certificate, trusting `roots` for the server's TLS certificate
 /// (after a root rotation a client trusts the root bundle it last received).
-async fn issue_trusting(server: &TestServer, roots: &str) -> Vec<String> {
+async fn issue_trusting(server: &Server, roots: &str) -> Vec<String> {
     let mut client = plugca::client::connect(&plugca::client::Connection {
         addr: server.grpc.to_string(),
         root_cert_pem: roots.to_string(),
@@ -151,7 +151,7 @@ async fn kubernetes_symlink_swaps_under_load_fail_no_request_and_never_mix_bundl
         std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name)).unwrap();
     }
     let server = Arc::new(
-        TestServer::start(&[
+        Server::start(&[
             "--cacerts-dir",
             dir.path().to_str().unwrap(),
             "--insecure-trust-csr-identity",
@@ -220,7 +220,7 @@ async fn a_corrupt_bundle_is_refused_counted_and_the_old_one_keeps_serving() {
     let good = intermediate(&r, "good");
     let dir = tempfile::tempdir().unwrap();
     write_bundle(dir.path(), &good, &[&r]);
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         dir.path().to_str().unwrap(),
         "--insecure-trust-csr-identity",
@@ -258,7 +258,7 @@ async fn roots_can_be_added_then_removed_but_not_replaced_without_opt_in() {
     let i2 = intermediate(&r2, "ica-2");
     let dir = tempfile::tempdir().unwrap();
     write_bundle(dir.path(), &i1, &[&r1]);
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         dir.path().to_str().unwrap(),
         "--insecure-trust-csr-identity",
@@ -293,7 +293,7 @@ async fn roots_can_be_added_then_removed_but_not_replaced_without_opt_in() {
     server.stop().await;
 
     // With --allow-root-replacement the same change is accepted.
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         dir.path().to_str().unwrap(),
         "--insecure-trust-csr-identity",
@@ -311,7 +311,7 @@ async fn roots_can_be_added_then_removed_but_not_replaced_without_opt_in() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bundle_that_appears_after_start_replaces_the_self_signed_root() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         dir.path().to_str().unwrap(),
         "--insecure-trust-csr-identity",
@@ -351,13 +351,13 @@ async fn a_persisted_self_signed_root_survives_a_restart() {
         "--self-signed-key",
         "p384",
     ];
-    let server = TestServer::start(&args).await;
+    let server = Server::start(&args).await;
     let root_before = server.root_pem.clone();
     let chain = issue_one(&server).await;
     // ecdsa-with-SHA384: the leaf is signed by the P-384 root.
     assert_eq!(leaf_facts(&chain[0]).sig_oid, "1.2.840.10045.4.3.3");
     server.stop().await;
-    let server = TestServer::start(&args).await;
+    let server = Server::start(&args).await;
     assert_eq!(server.root_pem, root_before);
     webpki_verify(&issue_one(&server).await);
     server.stop().await;
@@ -372,7 +372,7 @@ async fn extra_trust_roots_are_appended_to_the_root_bundle() {
     write_bundle(dir.path(), &i, &[&r]);
     let extra = tempfile::tempdir().unwrap();
     let extra_file = write_temp(extra.path(), "extra.pem", &old.cert_pem);
-    let server = TestServer::start(&[
+    let server = Server::start(&[
         "--cacerts-dir",
         dir.path().to_str().unwrap(),
         "--insecure-trust-csr-identity",
@@ -409,7 +409,7 @@ async fn expiry_metrics_and_warnings_follow_the_loaded_bundle() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_bundle(dir.path(), &soon, &[&r]);
-    let server = TestServer::start(&["--cacerts-dir", dir.path().to_str().unwrap()]).await;
+    let server = Server::start(&["--cacerts-dir", dir.path().to_str().unwrap()]).await;
     let (_, text) = server.http_get("/metrics").await;
     let chain_secs = metric(&text, "citadel_server_cert_chain_expiry_seconds ").unwrap();
     assert!((chain_secs - 7200.0).abs() < 120.0, "{chain_secs}");

@@ -14,10 +14,10 @@ use prost_types::value::Kind;
 use tonic::Code;
 
 /// A lab-mode server (identity from the CSR) on `dir`, plus `extra` flags.
-async fn lab_server(dir: &std::path::Path, extra: &[&str]) -> TestServer {
+async fn lab_server(dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut flags = vec!["--insecure-trust-csr-identity"];
     flags.extend_from_slice(extra);
-    start_server(&server_args(dir, &flags)).await
+    Server::start(&server_args(dir, &flags)).await
 }
 
 /// A valid P-256 CSR naming the lab identity.
@@ -651,7 +651,7 @@ async fn an_impersonated_identity_that_is_not_a_non_empty_string_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_an_authenticator_every_request_is_unauthenticated_before_the_csr_is_read() {
-    let server = start_server(&server_args(samples(), &[])).await;
+    let server = Server::start(&server_args(samples(), &[])).await;
     let mut client = server.client().await;
     let unauthenticated = (
         Code::Unauthenticated,

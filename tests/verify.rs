@@ -44,8 +44,7 @@ async fn workload_from(cacerts: &str) -> (Vec<String>, SocketAddr) {
 }
 
 async fn issue(cacerts: &str) -> (Vec<String>, rcgen::KeyPair) {
-    let server =
-        TestServer::start(&["--cacerts-dir", cacerts, "--insecure-trust-csr-identity"]).await;
+    let server = Server::start(&["--cacerts-dir", cacerts, "--insecure-trust-csr-identity"]).await;
     let mut client = server.client().await;
     let key = p256();
     let chain = request(

@@ -24,8 +24,8 @@ fn body() -> IstioCertificateRequest {
     }
 }
 
-async fn xfcc_server() -> TestServer {
-    TestServer::start(&[
+async fn xfcc_server() -> Server {
+    Server::start(&[
         "--cacerts-dir",
         CERTS,
         "--trusted-gateway-cidrs",
@@ -106,7 +106,7 @@ async fn a_junk_header_is_refused_with_the_reason_in_the_log() {
 /// Without --trusted-gateway-cidrs the header means nothing, even from loopback.
 #[tokio::test(flavor = "multi_thread")]
 async fn without_trusted_gateways_the_header_is_ignored() {
-    let server = TestServer::start(&["--cacerts-dir", CERTS]).await;
+    let server = Server::start(&["--cacerts-dir", CERTS]).await;
     let mut client = server.client().await;
     assert_eq!(
         send_raw(&mut client, body(), &[("x-forwarded-client-cert", XFCC)])

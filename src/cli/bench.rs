@@ -1,20 +1,117 @@
-//! `plugca bench`: flags, turned into a [`crate::bench`] run.
+//! `plugca bench`: a load generator over the real protocol, and the offline
+//! ceiling of the same issuance cycle.
+//!
+//! - **Online** ([`run_online`]): gRPC over TLS to one address only — a running
+//!   plugca ([`Target::Remote`]) or one this process starts on `127.0.0.1:0`
+//!   ([`Target::Local`]), by default as a child process of the same binary so
+//!   its CPU time and RSS are read separately from `/proc/<pid>`.
+//! - **Offline** ([`run_offline`]): the server's cycle without gRPC or TLS —
+//!   [`crate::csr::VerifiedCsr::parse`], the lab-mode caller,
+//!   [`crate::issuance::issue`] — on one thread per core. That is the crypto ceiling the online number is compared to.
+//!
+//! Everything that is not the server's work (keys, CSRs, tokens, client
+//! certificates, connections) is prepared before the clock starts. Both runs
+//! stop at whichever bound comes first: request count or duration.
+//!
+//! This module holds the flags and what every part shares; `online`,
+//! `offline` and `target` the runs, `pool` and `report` what they prepare
+//! and measure.
+
+mod offline;
+mod online;
+mod pool;
+mod report;
+mod target;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
-use crate::bench::{
-    self, AuthMode, CaSource, CsrMix, JwtAlg, Load, Local, OfflineConfig, OnlineConfig, Remote,
-    ServerMode, Target,
+use serde::Serialize;
+
+pub use self::offline::{OfflineConfig, run_offline};
+pub use self::online::{Load, OnlineConfig, run_online};
+pub use self::pool::{CaSource, generate_bundle};
+pub use self::report::{
+    Latency, PoolStats, Report, ServerStats, backend, cores, proc_cpu_secs, proc_status_kb,
 };
-use crate::ca::generate::KeyChoice;
+pub use self::target::{Local, Remote, ServerMode, Target};
+// The parts share their `pub(super)` items with each other through
+// `use super::*`; nothing of them is public beyond the re-exports above.
+use self::{offline::*, online::*, pool::*, report::*, target::*};
+use crate::ca::generate::{self, KeyChoice};
+use crate::client;
 use crate::duration;
 use crate::identity::TrustDomain;
 
 /// Pool size when neither --pool nor --burst says otherwise.
 pub const DEFAULT_POOL: u64 = 4096;
+/// Where `--addr` points by default: istiod's port on loopback.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:15012";
+/// Issuer of the tokens a bench-started server accepts.
+pub const JWT_ISSUER: &str = "https://plugca.bench";
+const JWT_KID: &str = "plugca-bench";
+const JWT_AUDIENCE: &str = "istio-ca";
+/// Namespace of every bench identity (`spiffe://<td>/ns/bench/sa/w<i>`).
+const BENCH_NAMESPACE: &str = "bench";
+/// The ceiling measured before an online run stops after this long or this many cycles.
+const CEILING_MAX_TIME: Duration = Duration::from_secs(3);
+const CEILING_MAX_CYCLES: u64 = 50_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("generating the CA: {0}")]
+    Generate(#[from] generate::GenerateError),
+    #[error("{0}")]
+    Bundle(#[from] crate::ca::BundleError),
+    #[error("{dir}: holds no CA bundle (ca-cert.pem/ca-key.pem/... or tls.crt/tls.key/ca.crt)")]
+    NoBundle { dir: PathBuf },
+    #[error("{0}")]
+    Client(#[from] client::ClientError),
+    #[error("the server did not start: {0}")]
+    ServerStart(String),
+    #[error("offline cycle failed: {0}")]
+    Offline(String),
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+}
+
+/// CSR keys in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CsrMix {
+    /// ECDSA P-256 keys, ztunnel-shaped CSRs.
+    P256,
+    /// RSA-2048 keys, sidecar-shaped CSRs.
+    Rsa2048,
+    /// Half of each, interleaved.
+    Mixed,
+}
+
+/// How bench requests authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A bearer service-account JWT per request.
+    Jwt,
+    /// Renewal with a client certificate (one identity per connection).
+    Mtls,
+    /// The CSR's SPIFFE ID, unproven (`--insecure-trust-csr-identity`).
+    Lab,
+}
+
+/// Signature algorithm of the tokens minted for a bench-started server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JwtAlg {
+    /// RSA-2048, what Kubernetes service-account tokens usually are.
+    Rs256,
+    Es256,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -152,10 +249,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             rsa_keys: args.rsa_keys,
             requests,
             duration,
-            threads: args.threads.unwrap_or_else(bench::cores),
+            threads: args.threads.unwrap_or_else(cores),
             trust_domain,
         };
-        tokio::task::spawn_blocking(move || bench::run_offline(&cfg))
+        tokio::task::spawn_blocking(move || run_offline(&cfg))
             .await
             .map_err(|e| e.to_string())?
     } else {
@@ -215,8 +312,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             let runtime = builder
                 .enable_all()
                 .build()
-                .map_err(|e| bench::BenchError::Setup(format!("load generator runtime: {e}")))?;
-            runtime.block_on(bench::run_online(cfg))
+                .map_err(|e| BenchError::Setup(format!("load generator runtime: {e}")))?;
+            runtime.block_on(run_online(cfg))
         })
         .await
         .map_err(|e| e.to_string())?

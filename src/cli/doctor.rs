@@ -1,7 +1,9 @@
 //! `plugca doctor DIR`: run every load check of the server on a cacerts
 //! directory without starting it, and explain each problem: what is wrong,
-//! where, and the likely fix. The findings come from [`crate::ca::diagnose`];
-//! this module only prints them.
+//! where, and the likely fix. The findings come from [`findings`] (the checks
+//! themselves from `ca::bundle::inspect`); this module only prints them.
+
+pub mod findings;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -9,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::ca::diagnose::{self, CertReport, Report, Severity};
+use self::findings::{CertReport, Report, Severity};
 
 /// Exit code when the bundle has errors.
 pub const EXIT_PROBLEMS: u8 = 1;
@@ -26,7 +28,7 @@ pub struct DoctorArgs {
 }
 
 pub fn run(args: DoctorArgs) -> ExitCode {
-    match diagnose::diagnose(&args.dir, time::OffsetDateTime::now_utc()) {
+    match findings::diagnose(&args.dir, time::OffsetDateTime::now_utc()) {
         Ok(report) => {
             if args.json {
                 print_json(serde_json::to_string_pretty(&report));

@@ -1,26 +1,29 @@
-//! Shared helpers for the integration tests: start the real server on
-//! 127.0.0.1:0 over real TLS, make CSRs and JWTs, and check issued chains
-//! with webpki and the openssl CLI (second implementations).
+//! Shared fixtures and assertions for the integration tests: CA material,
+//! CSRs and JWTs, and checks of issued chains with webpki and the openssl CLI
+//! (second implementations). Servers come from [`plugca::testing::Server`]
+//! (the real server on 127.0.0.1:0 over real TLS, started by `app::spawn`).
 #![allow(dead_code)]
+
+#[cfg(not(feature = "testing"))]
+compile_error!(
+    "the integration tests start servers with plugca::testing: cargo test --features testing"
+);
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::Parser as _;
-use plugca::app::App;
 use plugca::ca::generate::{self, CaSpec, GeneratedCa, KeyChoice};
-use plugca::cli::{Cli, Command as PlugcaCommand};
-use plugca::client::{self, Connection, CsrShape, RequestOptions};
-use plugca::metrics::Metrics;
+use plugca::client::{self, CsrShape, RequestOptions};
+use plugca::jwt_issuer::{Claims, JwtIssuer};
 use plugca::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+pub use plugca::testing::Server;
 use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::transport::Channel;
 
-pub const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio-sample-certs");
+pub const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-sample-certs");
 pub const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/certs");
 pub const JWT_ISSUER: &str = "https://issuer.plugca.test";
 
@@ -53,114 +56,6 @@ pub fn sample_alt_set() -> tempfile::TempDir {
         ("cert-chain.pem", "cert-chain-alt.pem"),
         ("root-cert.pem", "root-cert-alt.pem"),
     ])
-}
-
-/// A running server and what a client needs to reach it.
-pub struct TestServer {
-    pub grpc: SocketAddr,
-    pub monitoring: SocketAddr,
-    pub root_pem: String,
-    pub metrics: Arc<Metrics>,
-    pub ca: Arc<plugca::ca::Current>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), plugca::app::AppError>>>,
-}
-
-impl TestServer {
-    /// Starts `plugca serve` in-process with `args` plus loopback port-0 listeners.
-    pub async fn start(args: &[&str]) -> TestServer {
-        let mut all = vec![
-            "plugca",
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--monitoring-addr",
-            "127.0.0.1:0",
-        ];
-        all.extend_from_slice(args);
-        let cli = Cli::try_parse_from(all).unwrap();
-        let PlugcaCommand::Serve(serve) = cli.command else {
-            unreachable!()
-        };
-        let config = serve.into_config().unwrap();
-        let app = App::build(&config).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = TestServer {
-            grpc: app.grpc_addr(),
-            monitoring: app.monitoring_addr(),
-            root_pem: app.ca().current().unwrap().root_bundle().to_string(),
-            metrics: app.metrics(),
-            ca: app.ca(),
-            stop: Some(stop),
-            task: None,
-        };
-        let task = tokio::spawn(app.run(async move {
-            let _ = stopped.await;
-        }));
-        let server = TestServer {
-            task: Some(task),
-            ..server
-        };
-        // Ready means the gRPC port serves and the reload watcher is in place.
-        for _ in 0..200 {
-            if server.http_get("/ready").await.0 == 200 {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the server did not become ready within 5 s");
-    }
-
-    pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
-        self.client_with(None).await
-    }
-
-    pub async fn client_with(
-        &self,
-        identity: Option<(String, String)>,
-    ) -> IstioCertificateServiceClient<Channel> {
-        client::connect(&Connection {
-            addr: self.grpc.to_string(),
-            root_cert_pem: self.root_pem.clone(),
-            server_name: None,
-            client_identity: identity,
-            timeout: Duration::from_secs(20),
-        })
-        .await
-        .unwrap()
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-
-    /// GET a monitoring path; returns (status, body).
-    pub async fn http_get(&self, path: &str) -> (u16, String) {
-        http_get(self.monitoring, path).await
-    }
-}
-
-/// Minimal HTTP/1.1 GET over a raw socket (no extra client dependency).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 pub fn p256() -> KeyPair {
@@ -293,39 +188,24 @@ pub fn openssl_text(pem_text: &str) -> String {
 
 /// Signing keys for test JWTs, and the JWKS file the server reads.
 pub struct JwtKeys {
-    pub ec: jsonwebtoken::EncodingKey,
-    pub rsa: jsonwebtoken::EncodingKey,
+    /// ES256, kid `ec-1`.
+    pub ec: JwtIssuer,
+    /// RS256, kid `rsa-1`.
+    pub rsa: JwtIssuer,
     /// A key the server does not know.
-    pub stranger: jsonwebtoken::EncodingKey,
+    pub stranger: JwtIssuer,
     pub jwks_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl JwtKeys {
     pub fn new() -> JwtKeys {
-        let ec = jsonwebtoken::EncodingKey::from_ec_der(&p256().serialize_der());
-        // jsonwebtoken wants PKCS#1 DER for RSA.
-        let out = Command::new("openssl")
-            .args(["genrsa", "-traditional", "2048"])
-            .output()
-            .unwrap();
-        let pkcs1 = plugca::pem::parse_first(&String::from_utf8(out.stdout).unwrap()).unwrap();
-        assert_eq!(pkcs1.label, "RSA PRIVATE KEY");
-        let rsa = jsonwebtoken::EncodingKey::from_rsa_der(&pkcs1.der);
-        let stranger = jsonwebtoken::EncodingKey::from_ec_der(&p256().serialize_der());
-        let mut ec_jwk =
-            jsonwebtoken::jwk::Jwk::from_encoding_key(&ec, jsonwebtoken::Algorithm::ES256).unwrap();
-        ec_jwk.common.key_id = Some("ec-1".into());
-        let mut rsa_jwk =
-            jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa, jsonwebtoken::Algorithm::RS256)
-                .unwrap();
-        rsa_jwk.common.key_id = Some("rsa-1".into());
-        let set = jsonwebtoken::jwk::JwkSet {
-            keys: vec![ec_jwk, rsa_jwk],
-        };
+        let ec = JwtIssuer::generate(jsonwebtoken::Algorithm::ES256, "ec-1").unwrap();
+        let rsa = JwtIssuer::generate(jsonwebtoken::Algorithm::RS256, "rsa-1").unwrap();
+        let stranger = JwtIssuer::generate(jsonwebtoken::Algorithm::ES256, "ec-1").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let jwks_path = dir.path().join("jwks.json");
-        std::fs::write(&jwks_path, serde_json::to_vec(&set).unwrap()).unwrap();
+        std::fs::write(&jwks_path, JwtIssuer::jwks(&[&ec, &rsa])).unwrap();
         JwtKeys {
             ec,
             rsa,
@@ -366,24 +246,21 @@ impl Default for TokenSpec<'_> {
     }
 }
 
-pub fn mint(
-    key: &jsonwebtoken::EncodingKey,
-    alg: jsonwebtoken::Algorithm,
-    kid: &str,
-    spec: &TokenSpec,
-) -> String {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut header = jsonwebtoken::Header::new(alg);
-    header.kid = Some(kid.into());
-    let claims = serde_json::json!({
-        "iss": spec.iss,
-        "aud": [spec.aud],
-        "sub": spec.sub,
-        "exp": now + spec.exp_in,
-        "nbf": now + spec.nbf_in,
-        "iat": now,
-    });
-    jsonwebtoken::encode(&header, &claims, key).unwrap()
+/// A token signed by `key` naming `kid`; `alg` must be the key's (it is
+/// spelled out so each call shows what it sends).
+pub fn mint(key: &JwtIssuer, alg: jsonwebtoken::Algorithm, kid: &str, spec: &TokenSpec) -> String {
+    assert_eq!(key.algorithm(), alg, "the key signs with its own algorithm");
+    key.mint_as(
+        kid,
+        &Claims {
+            iss: spec.iss,
+            aud: spec.aud,
+            sub: spec.sub,
+            exp_in: spec.exp_in,
+            nbf_in: spec.nbf_in,
+        },
+    )
+    .unwrap()
 }
 
 pub fn bearer(token: String) -> RequestOptions {
@@ -466,12 +343,6 @@ pub fn leaf_facts(pem_text: &str) -> LeafFacts {
         sig_oid: c.signature_algorithm.algorithm.to_id_string(),
         issuer_raw: c.issuer().as_raw().to_vec(),
     }
-}
-
-/// Starts a server from owned arguments (for argument lists built at run time).
-pub async fn start_server(args: &[String]) -> TestServer {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    TestServer::start(&args).await
 }
 
 /// `["--cacerts-dir", dir]` followed by `extra`.
@@ -634,7 +505,7 @@ pub fn two_level_cacerts(signing: &GeneratedCa, root: &GeneratedCa) -> tempfile:
 }
 
 /// Scrapes `/metrics` and returns the value of the sample line `series` (name plus labels).
-pub async fn metric(server: &TestServer, series: &str) -> Option<String> {
+pub async fn metric(server: &Server, series: &str) -> Option<String> {
     let (status, body) = server.http_get("/metrics").await;
     assert_eq!(status, 200);
     body.lines()
@@ -702,8 +573,8 @@ pub fn samples() -> &'static Path {
 }
 
 /// A JWT-authenticating server on `dir` (issuer and JWKS of `keys`), plus `extra` flags.
-pub async fn jwt_server(keys: &JwtKeys, dir: &std::path::Path, extra: &[&str]) -> TestServer {
+pub async fn jwt_server(keys: &JwtKeys, dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut args = server_args(dir, extra);
     args.extend(keys.server_args());
-    start_server(&args).await
+    Server::start(&args).await
 }
