@@ -12,6 +12,7 @@
 //! - [`server`]: the gRPC service and the one error-to-status mapping.
 //! - [`tls`]: the serving certificate and the TLS listener.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
+//! - [`controllers`]: in-cluster writers (root ConfigMap, `istiod-tls`) behind a Lease.
 //! - [`app`]: binds the listeners and runs everything.
 //! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`, ...).
 //! - [`bench`]: `plugca bench`, the load generator and the offline issuance ceiling.
@@ -26,6 +27,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod controllers;
 pub mod csr;
 pub mod duration;
 pub mod fault;
