@@ -62,6 +62,8 @@ pub enum AppError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(String),
+    #[error("{0}")]
+    Controllers(#[from] crate::controllers::StartError),
 }
 
 /// A built server whose listeners are bound but not yet serving.
@@ -78,6 +80,8 @@ pub struct App {
     reload_interval: std::time::Duration,
     drain_timeout: std::time::Duration,
     serving: Arc<AtomicBool>,
+    /// The in-cluster controllers to start in `run`, with the local cluster's client.
+    controllers: Option<(kube::Client, crate::controllers::ControllersConfig)>,
 }
 
 impl App {
@@ -162,6 +166,14 @@ impl App {
             }
             None => None,
         };
+        // In-cluster controllers (issue 10): checked and announced here, started in `run`.
+        crate::controllers::check_shared_root(&config.controllers, ca.current().as_deref())?;
+        let local_client = clusters
+            .as_ref()
+            .and_then(|c| c.resolve(None).ok())
+            .map(|(_, client)| client.clone());
+        let controllers = crate::controllers::announce(&config.controllers, local_client)
+            .map(|client| (client, config.controllers.clone()));
         if let Some(cidrs) = &config.trusted_gateway_cidrs {
             info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
             chain.push(Box::new(XfccAuthenticator::new(cidrs.clone())));
@@ -249,6 +261,7 @@ impl App {
             reload_interval: config.reload_interval,
             drain_timeout: config.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
+            controllers,
         })
     }
 
@@ -313,6 +326,16 @@ impl App {
             .reloader
             .clone()
             .spawn(self.reload_interval, stop_rx.clone());
+        let controllers = self.controllers.map(|(client, config)| {
+            crate::controllers::spawn(
+                client,
+                config,
+                self.ca.clone(),
+                self.reloader.subscribe(),
+                self.metrics.controllers.clone(),
+                stop_rx.clone(),
+            )
+        });
         let incoming = tls::incoming(self.grpc_listener, self.tls_config.clone(), stop_rx.clone());
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -361,6 +384,9 @@ impl App {
         let _ = stop_tx.send(true);
         let grpc_result = tokio::time::timeout(self.drain_timeout, &mut grpc_task).await;
         let _ = reload_task.await;
+        if let Some(controllers) = controllers {
+            controllers.join().await;
+        }
         let _ = monitoring_task.await;
         match grpc_result {
             Ok(Ok(Ok(()))) => {

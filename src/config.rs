@@ -202,6 +202,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    // In-cluster controllers (issue 10): --root-configmap*, --istiod-*, --leader-election-*.
+    #[command(flatten)]
+    pub controllers: crate::controllers::args::ControllersArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -264,6 +268,8 @@ pub struct Config {
     /// `Some` (possibly empty) when fault injection is enabled.
     pub faults: Option<Vec<Fault>>,
     pub log_format: LogFormat,
+    /// The in-cluster controllers; each is off unless its flag is given.
+    pub controllers: crate::controllers::ControllersConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -415,6 +421,7 @@ impl ServeArgs {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
+        let controllers = self.controllers.clone().into_config(&trust_domain)?;
         Ok(Config {
             cacerts_dir: self.cacerts_dir,
             grpc_addr: addr("--grpc-addr", "PLUGCA_GRPC_ADDR", &self.grpc_addr)?,
@@ -488,6 +495,7 @@ impl ServeArgs {
                 None
             },
             log_format: self.log_format,
+            controllers,
         })
     }
 }
