@@ -66,6 +66,8 @@ pub enum AppError {
     Serve(String),
     #[error("{addr}/ready did not answer 200 within {within:?}")]
     NotReady { addr: SocketAddr, within: Duration },
+    #[error("{0}")]
+    Controllers(#[from] crate::controllers::StartError),
 }
 
 /// Starts a server: loads the CA, builds the authenticators and the
@@ -211,6 +213,8 @@ struct App {
     reload_interval: Duration,
     drain_timeout: Duration,
     serving: Arc<AtomicBool>,
+    /// The in-cluster controllers to start in `run`, with the local cluster's client.
+    controllers: Option<(kube::Client, crate::controllers::ControllersConfig)>,
 }
 
 impl App {
@@ -239,6 +243,14 @@ impl App {
         reloader.check_expiry(now);
 
         let (authenticators, clusters) = authenticators(config).await?;
+        // In-cluster controllers (issue 10): checked and announced here, started in `run`.
+        crate::controllers::check_shared_root(&config.controllers, ca.current().as_deref())?;
+        let local_client = clusters
+            .as_ref()
+            .and_then(|c| c.resolve(None).ok())
+            .map(|(_, client)| client.clone());
+        let controllers = crate::controllers::announce(&config.controllers, local_client)
+            .map(|client| (client, config.controllers.clone()));
         let impersonation = impersonation(config, clusters.as_deref()).await?;
         let (faults, issued_log) = fault_harness(config);
         info!(authenticators = ?authenticators.names(), lab_mode = config.authn.insecure_trust_csr_identity, "authentication");
@@ -278,6 +290,7 @@ impl App {
             reload_interval: config.ca.reload_interval,
             drain_timeout: config.server.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
+            controllers,
         })
     }
 
@@ -319,6 +332,16 @@ impl App {
             .reloader
             .clone()
             .spawn(self.reload_interval, stop_rx.clone());
+        let controllers = self.controllers.map(|(client, config)| {
+            crate::controllers::spawn(
+                client,
+                config,
+                self.ca.clone(),
+                self.reloader.subscribe(),
+                self.metrics.controllers.clone(),
+                stop_rx.clone(),
+            )
+        });
         let incoming = tls::incoming(self.grpc_listener, self.tls_config.clone(), stop_rx.clone());
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -367,6 +390,9 @@ impl App {
         let _ = stop_tx.send(true);
         let grpc_result = tokio::time::timeout(self.drain_timeout, &mut grpc_task).await;
         let _ = reload_task.await;
+        if let Some(controllers) = controllers {
+            controllers.join().await;
+        }
         let _ = monitoring_task.await;
         match grpc_result {
             Ok(Ok(Ok(()))) => {

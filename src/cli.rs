@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod certs;
 pub mod doctor;
+pub mod istiod_cert;
 pub mod request;
 pub mod verify;
 

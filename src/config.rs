@@ -202,6 +202,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    // In-cluster controllers (issue 10): --root-configmap*, --istiod-*, --leader-election-*.
+    #[command(flatten)]
+    pub controllers: crate::controllers::args::ControllersArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -247,6 +251,8 @@ pub struct Config {
     /// `Some` (possibly empty) when fault injection is enabled.
     pub faults: Option<Vec<Fault>>,
     pub log_format: LogFormat,
+    /// The in-cluster controllers; each is off unless its flag is given.
+    pub controllers: crate::controllers::ControllersConfig,
 }
 
 /// The listeners and the gRPC server around the handler.
@@ -527,6 +533,7 @@ impl ServeArgs {
         } else {
             None
         };
+        let controllers = self.controllers.clone().into_config(&trust_domain)?;
         Ok(Config {
             trust_domain,
             server: ServerConfig {
@@ -566,6 +573,7 @@ impl ServeArgs {
             },
             faults,
             log_format: self.log_format,
+            controllers,
         })
     }
 

@@ -15,6 +15,7 @@
 //!   `server::audit` the audit line, [`server::harness`] faults and the issued log.
 //! - [`tls`]: the serving certificate and the TLS listener.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
+//! - [`controllers`]: in-cluster writers (root ConfigMap, `istiod-tls`) behind a Lease.
 //! - [`app`]: [`app::spawn`], the one way to start a server (the binary,
 //!   `plugca bench`, `testing` and the integration tests), binding every
 //!   listener first and running everything.
@@ -33,6 +34,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod controllers;
 pub mod csr;
 pub mod duration;
 pub mod fsutil;

@@ -137,6 +137,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub reloads: Family<ReloadLabels, prometheus_client::metrics::counter::Counter>,
     pub expiring: Family<CaCertLabels, Gauge>,
+    /// Leadership, writes and errors of the in-cluster controllers.
+    pub controllers: std::sync::Arc<crate::controllers::ControllerMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -174,8 +176,10 @@ impl Metrics {
             inflight: Gauge::default(),
             reloads: Family::default(),
             expiring: Family::default(),
+            controllers: Default::default(),
             registry: Registry::default(),
         };
+        m.controllers.register(&mut registry);
         registry.register(
             "citadel_server_csr_count",
             "The number of CSRs received by Citadel server",

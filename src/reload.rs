@@ -75,6 +75,8 @@ pub struct Reloader {
     pub expiry_warning: Duration,
     /// Reloads run one at a time.
     lock: Mutex<()>,
+    /// Bumped after every successful swap (the in-cluster controllers rewrite on it).
+    generation: watch::Sender<u64>,
 }
 
 impl Reloader {
@@ -104,7 +106,13 @@ impl Reloader {
             self_signed,
             expiry_warning,
             lock: Mutex::new(()),
+            generation: watch::Sender::new(0),
         }
+    }
+
+    /// Counts the CA swaps from now on; changes after every successful one.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The bundle to start with: the plugged one, else the self-signed one.
@@ -247,6 +255,7 @@ impl Reloader {
         let tls_config = tls::server_config(&bundle, &self.dns_names)?;
         self.ca.replace(bundle);
         self.tls.store(tls_config);
+        self.generation.send_modify(|g| *g += 1);
         self.check_expiry(now);
         Ok(())
     }

@@ -73,32 +73,79 @@ pub fn serving_dns_names(extra: &[String]) -> Vec<String> {
     names
 }
 
+/// A serving certificate issued by the CA with the server's own leaf profile,
+/// and its fresh P-256 key. `Debug` elides the key.
+pub struct ServingCert {
+    pub leaf: crate::ca::IssuedLeaf,
+    /// The intermediates served after the leaf (DER), as in CreateCertificate.
+    pub chain_der: Vec<Vec<u8>>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("serial", &self.leaf.serial_hex)
+            .field("key", &"[elided]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServingCert {
+    /// The key as PKCS#8 DER.
+    pub fn secret_key_der(&self) -> Vec<u8> {
+        self.key.serialize_der()
+    }
+
+    /// The key as PKCS#8 PEM (`BEGIN PRIVATE KEY`).
+    pub fn secret_key_pem(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(self.key.serialize_pem())
+    }
+}
+
+/// Issues a serving certificate for `sans` from `bundle`: this server's own
+/// gRPC certificate and istiod's `istiod-tls` both come from here.
+pub fn issue_serving(
+    bundle: &CaBundle,
+    sans: &[GeneralName],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<ServingCert, TlsError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    let (not_before, not_after) = crate::issuance::validity(now, ttl, bundle.not_after_limit());
+    let leaf = bundle
+        .signer()
+        .issue(&LeafSpec::serving(
+            &key,
+            sans.to_vec(),
+            (not_before, not_after),
+        ))
+        .map_err(|e| TlsError::Issue(e.to_string()))?;
+    Ok(ServingCert {
+        leaf,
+        chain_der: bundle.served_chain_der(),
+        not_before,
+        not_after,
+        key,
+    })
+}
+
 /// Issues a serving certificate from `bundle` and builds the rustls config.
 pub fn server_config(
     bundle: &CaBundle,
     dns_names: &[String],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto_provider();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| TlsError::Key(e.to_string()))?;
     let mut sans: Vec<GeneralName> = dns_names.iter().cloned().map(GeneralName::Dns).collect();
     sans.push(GeneralName::Ip(IpAddr::from([127, 0, 0, 1])));
     sans.push(GeneralName::Ip(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])));
-    let now = OffsetDateTime::now_utc();
-    let (not_before, not_after) =
-        crate::issuance::validity(now, SERVING_CERT_TTL, bundle.not_after_limit());
-    let leaf = bundle
-        .signer()
-        .issue(&LeafSpec::serving(&key, sans, (not_before, not_after)))
-        .map_err(|e| TlsError::Issue(e.to_string()))?;
-    let mut chain = vec![CertificateDer::from(leaf.der)];
-    chain.extend(
-        bundle
-            .served_chain_der()
-            .into_iter()
-            .map(CertificateDer::from),
-    );
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let serving = issue_serving(bundle, &sans, SERVING_CERT_TTL, OffsetDateTime::now_utc())?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(serving.secret_key_der()));
+    let mut chain = vec![CertificateDer::from(serving.leaf.der)];
+    chain.extend(serving.chain_der.into_iter().map(CertificateDer::from));
 
     let mut roots = rustls::RootCertStore::empty();
     for root in bundle.roots() {

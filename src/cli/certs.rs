@@ -19,6 +19,8 @@ pub enum CertsCommand {
     Root(RootArgs),
     /// Create an intermediate signed by a root: a complete cacerts directory.
     Intermediate(IntermediateArgs),
+    /// Issue istiod's serving certificate (tls.crt, tls.key, ca.crt) from a cacerts directory.
+    Istiod(crate::cli::istiod_cert::IstiodCertArgs),
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +86,7 @@ pub fn run(cmd: CertsCommand) -> Result<(), String> {
     match cmd {
         CertsCommand::Root(a) => root(&a),
         CertsCommand::Intermediate(a) => intermediate(&a),
+        CertsCommand::Istiod(a) => crate::cli::istiod_cert::run(&a),
     }
 }
 
