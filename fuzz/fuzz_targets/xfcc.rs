@@ -2,4 +2,6 @@
 //! What is fed to which parser: [`plugca_fuzz::xfcc`].
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| plugca_fuzz::xfcc(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    plugca_fuzz::xfcc(data);
+});

@@ -30,8 +30,9 @@ use plugca::impersonation::policy::{Pattern, Policy};
 use plugca::{duration, pem};
 
 /// Every target by name, as in `fuzz/Cargo.toml`, `fuzz/corpus/<name>/` and
-/// `fuzz/regressions/<name>/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// `fuzz/regressions/<name>/`. Each returns whether the
+/// parser under test accepted the input (the replay test checks the seeds).
+pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
     ("csr", csr),
     ("pem", pem),
     ("bundle", bundle),
@@ -45,13 +46,15 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The CSR of `IstioCertificateRequest.csr`: DER, and PEM text as sent.
-pub fn csr(data: &[u8]) {
+pub fn csr(data: &[u8]) -> bool {
     let der = VerifiedCsr::from_der(data);
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = VerifiedCsr::parse(text);
-    }
-    if let Ok(csr) = der {
-        let _ = (csr.key_kind(), csr.has_common_name(), csr.requested_uri_sans());
+    let pem_ok = std::str::from_utf8(data).is_ok_and(|text| VerifiedCsr::parse(text).is_ok());
+    if let Ok(csr) = &der {
+        let _ = (
+            csr.key_kind(),
+            csr.has_common_name(),
+            csr.requested_uri_sans(),
+        );
         let text = pem::encode("CERTIFICATE REQUEST", data);
         if text.len() <= plugca::csr::MAX_CSR_BYTES {
             assert!(
@@ -60,19 +63,24 @@ pub fn csr(data: &[u8]) {
             );
         }
     }
+    der.is_ok() || pem_ok
 }
 
 /// PEM text of mounted files (certificates, keys) and requests.
-pub fn pem(data: &[u8]) {
+pub fn pem(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
-    if let Ok(blocks) = pem::parse_all(text) {
+    let parsed = pem::parse_all(text);
+    if let Ok(blocks) = &parsed {
         assert!(!blocks.is_empty() && blocks.len() <= pem::MAX_BLOCKS);
         // Re-encoding every block gives the same blocks back. Only for labels
         // as RFC 7468 defines them: `encode` is called with constant labels.
         if blocks.iter().all(|b| rfc7468_label(&b.label)) {
-            let again: String = blocks.iter().map(|b| pem::encode(&b.label, &b.der)).collect();
+            let again: String = blocks
+                .iter()
+                .map(|b| pem::encode(&b.label, &b.der))
+                .collect();
             let reparsed = pem::parse_all(&again).expect("re-encoded PEM parses");
             assert_eq!(reparsed.len(), blocks.len());
             for (a, b) in blocks.iter().zip(&reparsed) {
@@ -89,6 +97,7 @@ pub fn pem(data: &[u8]) {
         assert_eq!(again.public_spki(), key.public_spki());
         assert_eq!(again.kind(), key.kind());
     }
+    parsed.is_ok()
 }
 
 /// Validity instant for bundle checks: fixed, so a replay is deterministic
@@ -100,7 +109,7 @@ const BUNDLE_NOW: i64 = 1_893_456_000; // 2030-01-01T00:00:00Z
 /// `tls.crt`, `tls.key`, `ca.crt` layout; otherwise the first four are
 /// istiod's `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`,
 /// and missing parts are missing files.
-pub fn bundle(data: &[u8]) {
+pub fn bundle(data: &[u8]) -> bool {
     thread_local! {
         static DIR: tempfile::TempDir = tempfile::tempdir().expect("a scratch directory for the bundle target");
     }
@@ -108,9 +117,15 @@ pub fn bundle(data: &[u8]) {
     let names: &[&str] = if parts.len() == 3 {
         &[bundle::TLS_CRT, bundle::TLS_KEY, bundle::TLS_CA]
     } else {
-        &[bundle::CA_CERT, bundle::CA_KEY, bundle::CERT_CHAIN, bundle::ROOT_CERT]
+        &[
+            bundle::CA_CERT,
+            bundle::CA_KEY,
+            bundle::CERT_CHAIN,
+            bundle::ROOT_CERT,
+        ]
     };
-    let now = time::OffsetDateTime::from_unix_timestamp(BUNDLE_NOW).expect("a constant, valid time");
+    let now =
+        time::OffsetDateTime::from_unix_timestamp(BUNDLE_NOW).expect("a constant, valid time");
     DIR.with(|dir| {
         let dir = dir.path();
         for name in [
@@ -127,12 +142,14 @@ pub fn bundle(data: &[u8]) {
         for (name, part) in names.iter().zip(&parts) {
             std::fs::write(dir.join(name), part).expect("writing a scratch bundle file");
         }
-        check_bundle(CaBundle::load_dir(dir, now));
-    });
+        check_bundle(CaBundle::load_dir(dir, now))
+    })
 }
 
-fn check_bundle(loaded: Result<Option<CaBundle>, plugca::ca::BundleError>) {
-    let Ok(Some(ca)) = loaded else { return };
+fn check_bundle(loaded: Result<Option<CaBundle>, plugca::ca::BundleError>) -> bool {
+    let Ok(Some(ca)) = loaded else {
+        return false;
+    };
     assert!(!ca.path().is_empty() && !ca.roots().is_empty());
     // What the CA serves must itself be valid PEM certificates.
     for element in ca.served_chain().iter().chain(ca.response_tail()) {
@@ -141,18 +158,19 @@ fn check_bundle(loaded: Result<Option<CaBundle>, plugca::ca::BundleError>) {
     }
     assert!(pem::parse_all(ca.root_bundle()).is_ok());
     assert!(ca.not_after_limit() <= ca.signing_cert().not_after);
+    true
 }
 
 /// The `x-forwarded-client-cert` header of a trusted gateway, through the
 /// parser and through the authenticator (which also checks every identity).
-pub fn xfcc(data: &[u8]) {
+pub fn xfcc(data: &[u8]) -> bool {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(certs) = xfcc::parse(text) {
             let _ = xfcc::identities(&certs);
         }
     }
     let Ok(value) = tonic::metadata::MetadataValue::try_from(data) else {
-        return;
+        return false;
     };
     let mut metadata = tonic::metadata::MetadataMap::new();
     metadata.insert(xfcc::XFCC_HEADER, value);
@@ -162,32 +180,39 @@ pub fn xfcc(data: &[u8]) {
         remote_addr: Some(([127, 0, 0, 1], 15443).into()),
     };
     let authenticator = XfccAuthenticator::new(Vec::new());
-    if let Ok(Some(caller)) = ready(authenticator.authenticate(&ctx)) {
-        assert!(!caller.identities().is_empty());
-        assert_eq!(caller.sans().len(), caller.identities().len());
-        for id in caller.identities() {
-            if id.starts_with("spiffe://") {
-                assert!(SpiffeId::parse(id).is_ok(), "{id:?}");
-            }
+    let Ok(Some(caller)) = ready(authenticator.authenticate(&ctx)) else {
+        return false;
+    };
+    assert!(!caller.identities().is_empty());
+    assert_eq!(caller.sans().len(), caller.identities().len());
+    for id in caller.identities() {
+        if id.starts_with("spiffe://") {
+            assert!(SpiffeId::parse(id).is_ok(), "{id:?}");
         }
     }
+    true
 }
 
 /// SPIFFE IDs and trust domains (CSR SANs, XFCC, flags): both parsers over
 /// the same text, with Display round trips.
-pub fn spiffe(data: &[u8]) {
+pub fn spiffe(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
     if let Ok(td) = TrustDomain::parse(text) {
         let again = TrustDomain::parse(&td.to_string()).expect("a printed trust domain parses");
         assert_eq!(again, td);
-        assert!(!td.as_str().is_empty() && td.as_str().len() <= plugca::identity::MAX_TRUST_DOMAIN_LEN);
+        assert!(
+            !td.as_str().is_empty() && td.as_str().len() <= plugca::identity::MAX_TRUST_DOMAIN_LEN
+        );
     }
     if let Ok(id) = SpiffeId::parse(text) {
         let again = SpiffeId::parse(&id.to_string()).expect("a printed SPIFFE ID parses");
         assert_eq!(again, id);
-        assert_eq!(format!("spiffe://{}{}", id.trust_domain(), id.path()), id.as_str());
+        assert_eq!(
+            format!("spiffe://{}{}", id.trust_domain(), id.path()),
+            id.as_str()
+        );
         let td = TrustDomain::parse(id.trust_domain()).expect("an ID's trust domain parses");
         assert_eq!(td.as_str(), id.trust_domain());
         if let Some((ns, sa)) = id.namespace_and_service_account() {
@@ -198,28 +223,36 @@ pub fn spiffe(data: &[u8]) {
             }
         }
     }
+    TrustDomain::parse(text).is_ok() || SpiffeId::parse(text).is_ok()
 }
 
 /// Go durations (flags, env, fault specs), with a round trip through
 /// [`duration::format_go`].
-pub fn duration(data: &[u8]) {
+pub fn duration(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
-    if let Ok(d) = duration::parse(text) {
-        let printed = duration::format_go(d);
-        assert_eq!(duration::parse(&printed), Ok(d), "{printed:?}");
-    }
+    let Ok(d) = duration::parse(text) else {
+        return false;
+    };
+    let printed = duration::format_go(d);
+    assert_eq!(duration::parse(&printed), Ok(d), "{printed:?}");
+    true
 }
 
 /// Fault specs as the admin endpoint takes them: one per line or comma-separated.
-pub fn fault(data: &[u8]) {
+pub fn fault(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
     // The admin endpoint's split (`monitoring::parse_faults`, private).
     let mut faults = Vec::new();
-    for spec in text.split(['\n', ',']).map(str::trim).filter(|s| !s.is_empty()) {
+    let mut all_parsed = true;
+    for spec in text
+        .split(['\n', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         if let Ok(f) = spec.parse::<Fault>() {
             match &f {
                 Fault::Latency(d) | Fault::ShortTtl(d) => {
@@ -232,17 +265,20 @@ pub fn fault(data: &[u8]) {
                 _ => {}
             }
             faults.push(f);
+        } else {
+            all_parsed = false;
         }
         let _ = fault::parse_code(spec);
     }
     let _ = LeafFaults::from_faults(&faults);
+    all_parsed && !faults.is_empty()
 }
 
 /// The impersonation policy file (JSON), with two trusted node accounts.
-pub fn policy(data: &[u8]) {
+pub fn policy(data: &[u8]) -> bool {
     let trusted = trusted_node_accounts();
     let Ok(policy) = Policy::parse(data, Path::new("policy.json"), trusted) else {
-        return;
+        return false;
     };
     for caller in trusted {
         for pattern in policy.allowed_for(caller) {
@@ -251,12 +287,21 @@ pub fn policy(data: &[u8]) {
             assert_eq!(&again, pattern);
             // An instance of the pattern (`*` as `x`) is allowed.
             let (ns, sa) = printed.split_once('/').expect("a pattern has a /");
-            let concrete = |p: &str| if p == "*" { "x".to_string() } else { p.to_string() };
+            let concrete = |p: &str| {
+                if p == "*" {
+                    "x".to_string()
+                } else {
+                    p.to_string()
+                }
+            };
             assert!(policy.allows(caller, &concrete(ns), &concrete(sa)));
         }
     }
-    let stranger: NodeAccount = "default/stranger".parse().expect("a constant, valid account");
+    let stranger: NodeAccount = "default/stranger"
+        .parse()
+        .expect("a constant, valid account");
     assert!(policy.allowed_for(&stranger).is_empty());
+    true
 }
 
 fn trusted_node_accounts() -> &'static [NodeAccount] {
@@ -284,15 +329,16 @@ pub const JWT_KEY_PEM: &str = include_str!("../jwt-test-key.pem");
 ///   signature check sees arbitrary claims;
 /// - 2: the rest is a JWKS document (as a file or an issuer serves it), used
 ///   to verify a valid token.
-pub fn jwt(data: &[u8]) {
+pub fn jwt(data: &[u8]) -> bool {
     let Some((&mode, rest)) = data.split_first() else {
-        return;
+        return false;
     };
     match mode % 3 {
         0 => {
-            if let Ok(token) = std::str::from_utf8(rest) {
-                check_verified(&jwt_verifier(&jwt_keys().jwks), token);
-            }
+            let Ok(token) = std::str::from_utf8(rest) else {
+                return false;
+            };
+            check_verified(&jwt_verifier(&jwt_keys().jwks), token)
         }
         1 => {
             let (header, claims) = match rest.iter().position(|b| *b == 0) {
@@ -300,11 +346,11 @@ pub fn jwt(data: &[u8]) {
                 None => (rest, &b""[..]),
             };
             let token = sign_jwt(header, claims);
-            check_verified(&jwt_verifier(&jwt_keys().jwks), &token);
+            check_verified(&jwt_verifier(&jwt_keys().jwks), &token)
         }
         _ => {
             let Ok(set) = serde_json::from_slice::<JwkSet>(rest) else {
-                return;
+                return false;
             };
             let _ = plugca::authn::jwt::KeySet::from_jwks(&set);
             let Ok(verifier) = JwtAuthenticator::from_jwks(
@@ -313,16 +359,20 @@ pub fn jwt(data: &[u8]) {
                 vec![JWT_AUDIENCE.into()],
                 jwt_trust_domain(),
             ) else {
-                return;
+                return false;
             };
-            check_verified(&verifier, &jwt_keys().valid_token);
+            check_verified(&verifier, &jwt_keys().valid_token)
         }
     }
 }
 
 /// Signs `header.claims` (base64url of the raw bytes) with the test key.
 pub fn sign_jwt(header: &[u8], claims: &[u8]) -> String {
-    let message = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
     let signature = jsonwebtoken::crypto::sign(
         message.as_bytes(),
         &jwt_keys().signing,
@@ -341,10 +391,12 @@ struct JwtKeys {
 fn jwt_keys() -> &'static JwtKeys {
     static KEYS: OnceLock<JwtKeys> = OnceLock::new();
     KEYS.get_or_init(|| {
-        let signing = jsonwebtoken::EncodingKey::from_ec_pem(JWT_KEY_PEM.as_bytes())
-            .expect("the committed test key is a P-256 PKCS#8 key");
-        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, jsonwebtoken::Algorithm::ES256)
-            .expect("a JWK for the test key");
+        let pkcs8 = pem::parse_first(JWT_KEY_PEM).expect("the committed test key is PEM");
+        // jsonwebtoken's PEM support is a feature plugca leaves off.
+        let signing = jsonwebtoken::EncodingKey::from_ec_der(&pkcs8.der);
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, jsonwebtoken::Algorithm::ES256)
+                .expect("a JWK for the test key");
         jwk.common.key_id = Some(JWT_KID.into());
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some(JWT_KID.into());
@@ -372,25 +424,32 @@ fn jwt_trust_domain() -> TrustDomain {
 /// A fresh verifier per input, so its token cache carries no state from one
 /// input to the next (a replay then behaves as the fuzzer run did).
 fn jwt_verifier(set: &JwkSet) -> JwtAuthenticator {
-    JwtAuthenticator::from_jwks(set, JWT_ISSUER.into(), vec![JWT_AUDIENCE.into()], jwt_trust_domain())
-        .expect("the test JWKS holds a usable key")
+    JwtAuthenticator::from_jwks(
+        set,
+        JWT_ISSUER.into(),
+        vec![JWT_AUDIENCE.into()],
+        jwt_trust_domain(),
+    )
+    .expect("the test JWKS holds a usable key")
 }
 
-fn check_verified(verifier: &JwtAuthenticator, token: &str) {
-    if let Ok(id) = verifier.verify(token) {
-        assert_eq!(id.trust_domain(), "cluster.local");
-        assert!(id.namespace_and_service_account().is_some(), "{id}");
-    }
+fn check_verified(verifier: &JwtAuthenticator, token: &str) -> bool {
+    let Ok(id) = verifier.verify(token) else {
+        return false;
+    };
+    assert_eq!(id.trust_domain(), "cluster.local");
+    assert!(id.namespace_and_service_account().is_some(), "{id}");
+    true
 }
 
 /// `JWT_RULE` / `--jwt-rule` JSON, trimmed as the config does; an accepted
 /// rule written back as JSON parses to the same rule.
-pub fn jwt_rule(data: &[u8]) {
+pub fn jwt_rule(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
     let Ok(rule) = JwtRule::parse(text.trim()) else {
-        return;
+        return false;
     };
     assert!(!rule.issuer.is_empty() && !rule.audiences().is_empty());
     let json = serde_json::json!({
@@ -399,6 +458,7 @@ pub fn jwt_rule(data: &[u8]) {
         "audiences": rule.audiences,
     });
     assert_eq!(JwtRule::parse(&json.to_string()), Ok(rule));
+    true
 }
 
 /// RFC 7468 labels: printable ASCII without `-`, single spaces inside.
@@ -415,7 +475,10 @@ fn rfc7468_label(label: &str) -> bool {
 /// never awaits anything), so the targets need no async runtime.
 fn ready<F: std::future::Future>(future: F) -> F::Output {
     let mut future = std::pin::pin!(future);
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
         Poll::Ready(output) => output,
         Poll::Pending => panic!("the XFCC authenticator awaited something"),
     }
