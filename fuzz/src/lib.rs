@@ -164,10 +164,10 @@ fn check_bundle(loaded: Result<Option<CaBundle>, plugca::ca::BundleError>) -> bo
 /// The `x-forwarded-client-cert` header of a trusted gateway, through the
 /// parser and through the authenticator (which also checks every identity).
 pub fn xfcc(data: &[u8]) -> bool {
-    if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(certs) = xfcc::parse(text) {
-            let _ = xfcc::identities(&certs);
-        }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(certs) = xfcc::parse(text)
+    {
+        let _ = xfcc::identities(&certs);
     }
     let Ok(value) = tonic::metadata::MetadataValue::try_from(data) else {
         return false;
@@ -260,7 +260,7 @@ pub fn fault(data: &[u8]) -> bool {
                     assert_eq!(duration::parse(arg).as_ref(), Ok(d));
                 }
                 Fault::Refuse { code, .. } => {
-                    assert_eq!(fault::parse_code(&format!("{}", *code as i32)), Some(*code));
+                    assert_eq!(fault::parse_code(&(*code as i32).to_string()), Some(*code));
                 }
                 _ => {}
             }
