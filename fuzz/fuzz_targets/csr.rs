@@ -1,11 +1,7 @@
-//! Untrusted CSR bytes, as a client sends them in `IstioCertificateRequest.csr`.
+//! The CSR a client sends in `IstioCertificateRequest.csr` (DER and PEM).
+//! What is fed to which parser: [`plugca_fuzz::csr`].
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let _ = plugca::csr::VerifiedCsr::from_der(data);
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = plugca::csr::VerifiedCsr::parse(text);
-    }
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    plugca_fuzz::csr(data);
 });

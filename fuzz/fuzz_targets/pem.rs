@@ -1,11 +1,7 @@
-//! PEM text from mounted files and requests.
+//! PEM text and private keys from mounted files and requests.
+//! What is fed to which parser: [`plugca_fuzz::pem`].
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = plugca::pem::parse_all(text);
-        let _ = plugca::ca::keys::CaKey::from_pem(text);
-    }
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    plugca_fuzz::pem(data);
 });
