@@ -23,10 +23,10 @@ use plugca::ca::CaBundle;
 use plugca::ca::bundle;
 use plugca::ca::keys::CaKey;
 use plugca::csr::VerifiedCsr;
-use plugca::fault::{self, Fault, LeafFaults};
 use plugca::identity::{SpiffeId, TrustDomain};
 use plugca::impersonation::NodeAccount;
 use plugca::impersonation::policy::{Pattern, Policy};
+use plugca::server::harness::{self as fault, Fault, Overrides};
 use plugca::{duration, pem};
 
 /// Every target by name, as in `fuzz/Cargo.toml`, `fuzz/corpus/<name>/` and
@@ -186,8 +186,8 @@ pub fn xfcc(data: &[u8]) -> bool {
     assert!(!caller.identities().is_empty());
     assert_eq!(caller.sans().len(), caller.identities().len());
     for id in caller.identities() {
-        if id.starts_with("spiffe://") {
-            assert!(SpiffeId::parse(id).is_ok(), "{id:?}");
+        if let plugca::identity::Identity::Spiffe(spiffe) = id {
+            assert!(SpiffeId::parse(&spiffe.to_string()).is_ok(), "{id:?}");
         }
     }
     true
@@ -270,7 +270,7 @@ pub fn fault(data: &[u8]) -> bool {
         }
         let _ = fault::parse_code(spec);
     }
-    let _ = LeafFaults::from_faults(&faults);
+    let _ = Overrides::from_faults(&faults);
     all_parsed && !faults.is_empty()
 }
 
