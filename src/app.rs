@@ -35,8 +35,6 @@ use crate::tls::{self, TlsError};
 
 /// Largest gRPC message accepted (a CSR is a few KiB; istiod allows 4 MiB).
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 256 * 1024;
-/// HTTP/2 streams per connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -78,6 +76,7 @@ pub struct App {
     reload_interval: std::time::Duration,
     drain_timeout: std::time::Duration,
     serving: Arc<AtomicBool>,
+    limits: crate::limits::Limits,
 }
 
 impl App {
@@ -124,6 +123,7 @@ impl App {
 
         let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
             config.trust_domain.clone(),
+            ca.clone(),
         ))];
         if let Some(jr) = &config.jwt_rule {
             let source = Arc::new(RemoteJwks::new(jr.rule.clone(), jr.ca_file.as_deref())?);
@@ -249,6 +249,7 @@ impl App {
             reload_interval: config.reload_interval,
             drain_timeout: config.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
+            limits: crate::limits::Limits::for_this_process(&config.net),
         })
     }
 
@@ -300,20 +301,26 @@ impl App {
             faults: self.faults.clone(),
             issued_log: self.issued_log.clone(),
         });
-        let mut mon_stop = stop_rx.clone();
-        let monitoring_task = tokio::spawn(async move {
-            let _ = axum::serve(self.monitoring_listener, monitoring)
-                .with_graceful_shutdown(async move {
-                    let _ = mon_stop.wait_for(|s| *s).await;
-                })
-                .await;
-        });
+        info!(limits = ?self.limits, "connection limits (caps from the open-file limit)");
+        let monitoring_task = tokio::spawn(monitoring::serve(
+            self.monitoring_listener,
+            monitoring,
+            self.limits.clone(),
+            self.metrics.clone(),
+            stop_rx.clone(),
+        ));
 
         let reload_task = self
             .reloader
             .clone()
             .spawn(self.reload_interval, stop_rx.clone());
-        let incoming = tls::incoming(self.grpc_listener, self.tls_config.clone(), stop_rx.clone());
+        let incoming = tls::incoming(
+            self.grpc_listener,
+            self.tls_config.clone(),
+            &self.limits,
+            self.metrics.clone(),
+            stop_rx.clone(),
+        );
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<IstioCertificateServiceServer<CertificateService>>()
@@ -323,21 +330,24 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| AppError::Serve(format!("reflection: {e}")))?;
-        let mut grpc_stop = stop_rx.clone();
-        let grpc = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
             .add_service(
                 IstioCertificateServiceServer::new(self.service)
                     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
-            )
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            });
-        let mut grpc_task = tokio::spawn(grpc);
+            );
+        let grpc = crate::net::serve(
+            incoming,
+            routes,
+            self.limits.clone(),
+            self.ca.clone(),
+            self.metrics.clone(),
+            stop_rx.clone(),
+        );
+        let mut grpc_task = tokio::spawn(async move {
+            grpc.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
         self.serving.store(true, Ordering::Release);
         info!("serving");
 

@@ -202,6 +202,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Connection, stream, request and age limits of the listeners.
+    #[command(flatten)]
+    pub net: crate::limits::NetArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -264,6 +268,7 @@ pub struct Config {
     /// `Some` (possibly empty) when fault injection is enabled.
     pub faults: Option<Vec<Fault>>,
     pub log_format: LogFormat,
+    pub net: crate::limits::NetConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -488,6 +493,7 @@ impl ServeArgs {
                 None
             },
             log_format: self.log_format,
+            net: self.net.into_config()?,
         })
     }
 }

@@ -11,6 +11,8 @@
 //! - [`issuance`]: the CreateCertificate policy: identity, TTL, leaf, response chain.
 //! - [`server`]: the gRPC service and the one error-to-status mapping.
 //! - [`tls`]: the serving certificate and the TLS listener.
+//! - [`net`], [`limits`]: serving gRPC connections within connection, stream,
+//!   request and age limits derived from the open-file limit.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
 //! - [`app`]: binds the listeners and runs everything.
 //! - [`client`], [`cli`]: the `plugca` subcommands (`serve`, `request`, ...).
@@ -34,8 +36,10 @@ pub mod identity;
 pub mod impersonation;
 pub mod issuance;
 pub mod kubernetes;
+pub mod limits;
 pub mod metrics;
 pub mod monitoring;
+pub mod net;
 pub mod pem;
 pub mod reload;
 pub mod server;

@@ -137,6 +137,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub reloads: Family<ReloadLabels, prometheus_client::metrics::counter::Counter>,
     pub expiring: Family<CaCertLabels, Gauge>,
+    /// Connections, streams and refusals of the listeners.
+    pub net: crate::net::NetMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -174,8 +176,10 @@ impl Metrics {
             inflight: Gauge::default(),
             reloads: Family::default(),
             expiring: Family::default(),
+            net: crate::net::NetMetrics::default(),
             registry: Registry::default(),
         };
+        m.net.register(&mut registry);
         registry.register(
             "citadel_server_csr_count",
             "The number of CSRs received by Citadel server",
