@@ -43,8 +43,10 @@ pub struct ClientCertAuthenticator {
     trust_domain: TrustDomain,
     ca: Arc<CaState>,
     /// Trust anchors of the last bundle seen, rebuilt when the bundle changes.
-    anchors: Mutex<Option<(Arc<CaBundle>, Arc<Vec<TrustAnchor<'static>>>)>>,
+    anchors: Mutex<Option<(Arc<CaBundle>, Anchors)>>,
 }
+
+type Anchors = Arc<Vec<TrustAnchor<'static>>>;
 
 impl ClientCertAuthenticator {
     pub fn new(trust_domain: TrustDomain, ca: Arc<CaState>) -> Self {
@@ -82,7 +84,7 @@ impl ClientCertAuthenticator {
         .map_err(ClientCertError::Chain)
     }
 
-    fn current_anchors(&self) -> Result<Arc<Vec<TrustAnchor<'static>>>, ClientCertError> {
+    fn current_anchors(&self) -> Result<Anchors, ClientCertError> {
         let bundle = self.ca.current().ok_or(ClientCertError::NoCa)?;
         let mut cached = self.anchors.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((seen, anchors)) = cached.as_ref()
