@@ -37,8 +37,6 @@ use crate::tls::{self, TlsError};
 
 /// Largest gRPC message accepted (a CSR is a few KiB; istiod allows 4 MiB).
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 256 * 1024;
-/// HTTP/2 streams per connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -215,6 +213,7 @@ struct App {
     serving: Arc<AtomicBool>,
     /// The in-cluster controllers to start in `run`, with the local cluster's client.
     controllers: Option<(kube::Client, crate::controllers::ControllersConfig)>,
+    limits: crate::limits::Limits,
 }
 
 impl App {
@@ -242,7 +241,7 @@ impl App {
         ));
         reloader.check_expiry(now);
 
-        let (authenticators, clusters) = authenticators(config).await?;
+        let (authenticators, clusters) = authenticators(config, &ca).await?;
         // In-cluster controllers (issue 10): checked and announced here, started in `run`.
         crate::controllers::check_shared_root(&config.controllers, ca.current().as_deref())?;
         let local_client = clusters
@@ -291,6 +290,7 @@ impl App {
             drain_timeout: config.server.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
             controllers,
+            limits: crate::limits::Limits::for_this_process(&config.net),
         })
     }
 
@@ -319,14 +319,14 @@ impl App {
             faults: self.faults.clone(),
             issued_log: self.issued_log.clone(),
         });
-        let mut mon_stop = stop_rx.clone();
-        let monitoring_task = tokio::spawn(async move {
-            let _ = axum::serve(self.monitoring_listener, monitoring)
-                .with_graceful_shutdown(async move {
-                    let _ = mon_stop.wait_for(|s| *s).await;
-                })
-                .await;
-        });
+        info!(limits = ?self.limits, "connection limits (caps from the open-file limit)");
+        let monitoring_task = tokio::spawn(monitoring::serve(
+            self.monitoring_listener,
+            monitoring,
+            self.limits.clone(),
+            self.metrics.clone(),
+            stop_rx.clone(),
+        ));
 
         let reload_task = self
             .reloader
@@ -342,7 +342,13 @@ impl App {
                 stop_rx.clone(),
             )
         });
-        let incoming = tls::incoming(self.grpc_listener, self.tls_config.clone(), stop_rx.clone());
+        let incoming = tls::incoming(
+            self.grpc_listener,
+            self.tls_config.clone(),
+            &self.limits,
+            self.metrics.clone(),
+            stop_rx.clone(),
+        );
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<IstioCertificateServiceServer<CertificateService>>()
@@ -352,21 +358,24 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| AppError::Serve(format!("reflection: {e}")))?;
-        let mut grpc_stop = stop_rx.clone();
-        let grpc = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
             .add_service(
                 IstioCertificateServiceServer::new(self.service)
                     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
-            )
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            });
-        let mut grpc_task = tokio::spawn(grpc);
+            );
+        let grpc = crate::net::serve(
+            incoming,
+            routes,
+            self.limits.clone(),
+            self.ca.clone(),
+            self.metrics.clone(),
+            stop_rx.clone(),
+        );
+        let mut grpc_task = tokio::spawn(async move {
+            grpc.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
         self.serving.store(true, Ordering::Release);
         info!("serving");
 
@@ -446,9 +455,11 @@ fn load_ca(
 /// authorization reuses them).
 async fn authenticators(
     config: &Config,
+    ca: &Arc<Current>,
 ) -> Result<(Authenticators, Option<Arc<Clusters>>), AppError> {
     let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
         config.trust_domain.clone(),
+        ca.clone(),
     ))];
     if let Some(jr) = &config.authn.jwt_rule {
         let source = Arc::new(RemoteJwks::new(jr.rule.clone(), jr.ca_file.as_deref())?);

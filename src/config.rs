@@ -206,6 +206,9 @@ pub struct ServeArgs {
     // In-cluster controllers (issue 10): --root-configmap*, --istiod-*, --leader-election-*.
     #[command(flatten)]
     pub controllers: crate::controllers::args::ControllersArgs,
+    /// Connection, stream, request and age limits of the listeners.
+    #[command(flatten)]
+    pub net: crate::limits::NetArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -253,6 +256,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The in-cluster controllers; each is off unless its flag is given.
     pub controllers: crate::controllers::ControllersConfig,
+    pub net: crate::limits::NetConfig,
 }
 
 /// The listeners and the gRPC server around the handler.
@@ -574,6 +578,7 @@ impl ServeArgs {
             faults,
             log_format: self.log_format,
             controllers,
+            net: self.net.into_config()?,
         })
     }
 

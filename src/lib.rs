@@ -14,6 +14,8 @@
 //! - [`server`]: the gRPC handler; [`server::error`] the one error-to-status mapping,
 //!   `server::audit` the audit line, [`server::harness`] faults and the issued log.
 //! - [`tls`]: the serving certificate and the TLS listener.
+//! - [`net`], [`limits`]: serving gRPC connections within connection, stream,
+//!   request and age limits derived from the open-file limit.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
 //! - [`controllers`]: in-cluster writers (root ConfigMap, `istiod-tls`) behind a Lease.
 //! - [`app`]: [`app::spawn`], the one way to start a server (the binary,
@@ -43,8 +45,10 @@ pub mod impersonation;
 pub mod issuance;
 pub mod jwt_issuer;
 pub mod kubernetes;
+pub mod limits;
 pub mod metrics;
 pub mod monitoring;
+pub mod net;
 pub mod pem;
 pub mod reload;
 pub mod server;

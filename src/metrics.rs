@@ -139,6 +139,8 @@ pub struct Metrics {
     pub expiring: Family<CaCertLabels, Gauge>,
     /// Leadership, writes and errors of the in-cluster controllers.
     pub controllers: std::sync::Arc<crate::controllers::ControllerMetrics>,
+    /// Connections, streams and refusals of the listeners.
+    pub net: crate::net::NetMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -177,9 +179,11 @@ impl Metrics {
             reloads: Family::default(),
             expiring: Family::default(),
             controllers: Default::default(),
+            net: crate::net::NetMetrics::default(),
             registry: Registry::default(),
         };
         m.controllers.register(&mut registry);
+        m.net.register(&mut registry);
         registry.register(
             "citadel_server_csr_count",
             "The number of CSRs received by Citadel server",

@@ -1,6 +1,9 @@
 //! The HTTP monitoring listener: `/ready`, `/healthz`, `/metrics`. These
 //! handlers only read atomics and the current bundle pointer, so they never
-//! wait behind signing work.
+//! wait behind signing work. Connections are capped (far below the open-file
+//! limit, so this port cannot starve gRPC or reloads of descriptors), must
+//! send their request head within a few seconds, and are closed after a
+//! minute even when busy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +16,9 @@ use axum::routing::{get, post};
 use time::OffsetDateTime;
 
 use crate::ca::Current;
+use crate::limits::{self, Limits};
 use crate::metrics::Metrics;
+use crate::net::{GaugeGuard, PerIp, Port, RejectReason};
 use crate::server::harness::{Fault, Faults, IssuedLog};
 
 #[derive(Clone)]
@@ -47,6 +52,103 @@ pub fn router(state: MonitoringState) -> Router {
     router
         .layer(axum::extract::DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .with_state(state)
+}
+
+/// Serves `router` on `listener` until `stop` flips, then lets open requests
+/// finish (each connection is closed gracefully).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        limits.max_monitoring_connections,
+    ));
+    // Probes (kubelet) and scrapes (Prometheus) come from other addresses
+    // than a peer filling the port.
+    let per_ip = Arc::new(PerIp::default());
+    let per_ip_limit = limits::MONITORING_CONNECTIONS_PER_IP.min(limits.max_monitoring_connections);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = connections.join_next() => continue,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "monitoring accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Over the cap: close at once rather than queue (a scrape retries).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics
+                .net
+                .rejected(Port::monitoring, RejectReason::connection_limit);
+            tracing::debug!(%peer, "monitoring connection over the cap closed");
+            continue;
+        };
+        let Some(slot_per_ip) = per_ip.try_acquire(peer.ip(), per_ip_limit) else {
+            metrics
+                .net
+                .rejected(Port::monitoring, RejectReason::connection_limit_per_ip);
+            tracing::debug!(%peer, "monitoring connection over the per-address cap closed");
+            continue;
+        };
+        let open = GaugeGuard::from(metrics.net.monitoring_connections.clone());
+        let router = router.clone();
+        let stop = stop.clone();
+        connections.spawn(serve_connection(
+            tcp,
+            router,
+            stop,
+            (slot, slot_per_ip, open),
+        ));
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection<G>(
+    tcp: tokio::net::TcpStream,
+    router: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    _slot: G,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+    let service =
+        hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper applies the header timeout to every request head, including the
+    // wait for the next one on a kept-alive connection.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits::MONITORING_HEADER_TIMEOUT)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    let age = tokio::time::sleep(limits::MONITORING_MAX_CONNECTION_AGE);
+    tokio::pin!(age);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = &mut age, if !closing => {}
+            _ = stop.wait_for(|s| *s), if !closing => {}
+            // A peer still sending after the grace period is cut off.
+            _ = tokio::time::sleep(limits::MONITORING_HEADER_TIMEOUT), if closing => return,
+        }
+        closing = true;
+        conn.as_mut().graceful_shutdown();
+    }
 }
 
 /// Fault specs, one per line or comma-separated.

@@ -1,8 +1,9 @@
 //! TLS on the gRPC port: a serving certificate issued by the CA itself, client
 //! certificates requested and verified against the CA roots when sent, and an
-//! accept loop that handshakes each connection in its own task.
+//! accept loop that never waits: it closes sockets over the caps at once and
+//! handshakes each of the others in its own task under a deadline.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,14 +13,16 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
 use crate::asn1::GeneralName;
 use crate::ca::{CaBundle, LeafSpec};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::net::{GaugeGuard, PerIp, PerIpGuard, Port, RejectReason};
 
 /// DNS names istiod's serving certificate carries by default.
 pub const DEFAULT_DNS_NAMES: [&str; 4] = [
@@ -30,10 +33,6 @@ pub const DEFAULT_DNS_NAMES: [&str; 4] = [
 ];
 /// Serving certificate lifetime (clamped to the CA's).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-/// A client that has not finished its handshake by then is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; further accepted sockets wait.
-pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -167,16 +166,32 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Accepts TCP connections and yields finished TLS streams. Each handshake
-/// runs in its own task with a timeout so a slow client cannot stall accepts.
-/// The config is read per connection, so a swapped config applies to new ones.
+/// A finished TLS connection and the connection slots it holds (released
+/// when it is dropped).
+pub struct Accepted {
+    pub stream: TlsStream<TcpStream>,
+    pub peer: SocketAddr,
+    pub slot: ConnectionSlot,
+}
+
+/// Accepts TCP connections and yields finished TLS streams. `accept` never
+/// waits: a socket over the connection or handshake caps (global or per
+/// source address) is closed at once and counted. Each handshake runs in its
+/// own task under [`Limits::handshake_timeout`]. The config is read per
+/// connection, so a swapped config applies to new ones.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ArcSwap<ServerConfig>>,
+    limits: &Limits,
+    metrics: Arc<Metrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> mpsc::Receiver<Accepted> {
     let (tx, rx) = mpsc::channel(1024);
-    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(limits.max_grpc_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let connections_per_ip = Arc::new(PerIp::default());
+    let handshakes_per_ip = Arc::new(PerIp::default());
+    let limits = limits.clone();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -195,23 +210,71 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let _ = tcp.set_nodelay(true);
-            let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                break;
+            let reject = |reason| {
+                metrics.net.rejected(Port::grpc, reason);
+                debug!(%peer, ?reason, "connection closed at once");
             };
+            // Dropping `tcp` closes it: nothing is read, nothing is waited for.
+            let Ok(global) = connections.clone().try_acquire_owned() else {
+                reject(RejectReason::connection_limit);
+                continue;
+            };
+            let Some(per_ip) =
+                connections_per_ip.try_acquire(peer.ip(), limits.max_connections_per_ip)
+            else {
+                reject(RejectReason::connection_limit_per_ip);
+                continue;
+            };
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                reject(RejectReason::handshake_limit);
+                continue;
+            };
+            let Some(handshake_per_ip) =
+                handshakes_per_ip.try_acquire(peer.ip(), limits.max_handshakes_per_ip)
+            else {
+                reject(RejectReason::handshake_limit_per_ip);
+                continue;
+            };
+            let slot = ConnectionSlot {
+                _global: global,
+                _per_ip: per_ip,
+                _open: metrics.net.grpc_connections.clone().into(),
+            };
+            let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
+            let metrics = metrics.clone();
+            let timeout = limits.handshake_timeout;
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let in_progress = GaugeGuard::from(metrics.net.grpc_handshakes.clone());
+                let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                drop((handshake, handshake_per_ip, in_progress));
+                match result {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Accepted { stream, peer, slot }).await;
                     }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics
+                            .net
+                            .rejected(Port::grpc, RejectReason::handshake_failed);
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics
+                            .net
+                            .rejected(Port::grpc, RejectReason::handshake_timeout);
+                        debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
     });
-    ReceiverStream::new(rx)
+    rx
+}
+
+/// A gRPC connection's share of the connection caps.
+pub struct ConnectionSlot {
+    _global: OwnedSemaphorePermit,
+    _per_ip: PerIpGuard,
+    _open: GaugeGuard,
 }

@@ -1,9 +1,19 @@
-//! Renewal over mTLS: a client certificate that chains to our roots (checked by
-//! the TLS layer) and carries exactly one SPIFFE URI SAN in our trust domain.
+//! Renewal over mTLS: a client certificate that chains to our roots and
+//! carries exactly one SPIFFE URI SAN in our trust domain.
+//!
+//! The TLS layer checks the chain once, at the handshake, against the roots of
+//! that moment. A connection can outlive both the certificate and a root
+//! removed by rotation, so every request checks the chain again here, with
+//! webpki, against the roots of the bundle serving now, at the current time.
 
+use std::sync::{Arc, Mutex};
+
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::prelude::*;
 
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
+use crate::ca::CaBundle;
+use crate::ca::Current;
 use crate::identity::{Identity, SpiffeId, TrustDomain};
 use crate::metrics::AuthnKind;
 
@@ -23,15 +33,79 @@ pub enum ClientCertError {
         found: String,
         expected: String,
     },
+    #[error("no CA bundle is loaded to verify the client certificate against")]
+    NoCa,
+    #[error("the client certificate chain does not verify against the current roots: {0}")]
+    Chain(webpki::Error),
 }
 
 pub struct ClientCertAuthenticator {
     trust_domain: TrustDomain,
+    ca: Arc<Current>,
+    /// Trust anchors of the last bundle seen, rebuilt when the bundle changes.
+    anchors: Mutex<Option<(Arc<CaBundle>, Anchors)>>,
 }
 
+type Anchors = Arc<Vec<TrustAnchor<'static>>>;
+
 impl ClientCertAuthenticator {
-    pub fn new(trust_domain: TrustDomain) -> Self {
-        ClientCertAuthenticator { trust_domain }
+    pub fn new(trust_domain: TrustDomain, ca: Arc<Current>) -> Self {
+        ClientCertAuthenticator {
+            trust_domain,
+            ca,
+            anchors: Mutex::new(None),
+        }
+    }
+
+    /// Checks `chain` (leaf first) against the current bundle's roots at `now`
+    /// for client authentication.
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<(), ClientCertError> {
+        let [leaf, intermediates @ ..] = chain else {
+            return Err(ClientCertError::Parse);
+        };
+        let anchors = self.current_anchors()?;
+        let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|_| ClientCertError::Parse)?;
+        leaf.verify_for_usage(
+            crate::tls::crypto_provider()
+                .signature_verification_algorithms
+                .all,
+            &anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(ClientCertError::Chain)
+    }
+
+    fn current_anchors(&self) -> Result<Anchors, ClientCertError> {
+        let bundle = self.ca.current().ok_or(ClientCertError::NoCa)?;
+        let mut cached = self.anchors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, anchors)) = cached.as_ref()
+            && Arc::ptr_eq(seen, &bundle)
+        {
+            return Ok(anchors.clone());
+        }
+        // Roots were parsed and checked when the bundle loaded; one that webpki
+        // cannot use as an anchor simply anchors nothing.
+        let anchors: Vec<TrustAnchor<'static>> = bundle
+            .roots()
+            .iter()
+            .filter_map(|r| {
+                webpki::anchor_from_trusted_cert(&CertificateDer::from(r.der.as_slice()))
+                    .ok()
+                    .map(|a| a.to_owned())
+            })
+            .collect();
+        let anchors = Arc::new(anchors);
+        *cached = Some((bundle, anchors.clone()));
+        Ok(anchors)
     }
 
     /// The identity a verified client leaf proves.
@@ -72,10 +146,11 @@ impl Authenticator for ClientCertAuthenticator {
     }
 
     async fn authenticate(&self, ctx: &RequestContext<'_>) -> Result<Option<Caller>, AuthnError> {
-        let Some(leaf) = ctx.peer_certs.and_then(|c| c.first()) else {
+        let Some(chain) = ctx.peer_certs.filter(|c| !c.is_empty()) else {
             return Ok(None);
         };
-        let (id, serial) = self.identity_of(leaf)?;
+        self.verify_chain(chain, UnixTime::now())?;
+        let (id, serial) = self.identity_of(&chain[0])?;
         Ok(Some(Caller::new(
             vec![Identity::Spiffe(id)],
             AuthnKind::client_cert,
