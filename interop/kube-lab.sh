@@ -3,7 +3,7 @@
 # no controller-manager, no scheduler.
 #
 #   interop/kube-lab.sh up STATE_DIR [--remote] [--owner-pid PID]
-#   interop/kube-lab.sh down STATE_DIR
+#   interop/kube-lab.sh down STATE_DIR [--purge]
 #
 # `up` generates a CA, the apiserver's serving cert, an admin client cert (O=system:masters) and kubeconfig,
 # a service-account signing key and issuer; starts etcd and kube-apiserver (RBAC, free ports) and waits
@@ -11,7 +11,8 @@
 # (same etcd), its own CA, SA signing key and issuer. `--owner-pid` makes a watchdog tear the lab down
 # when that process exits (tests use it so a crashed test binary leaves nothing running).
 # Everything lands in STATE_DIR; STATE_DIR/env lists the kubeconfigs, URLs, pids and log paths.
-# `down` stops everything `up` started (pids from STATE_DIR/env) and keeps the logs.
+# `down` stops everything `up` started (pids from STATE_DIR/env) and keeps the logs; with --purge it then
+# deletes STATE_DIR unless a file STATE_DIR/keep exists (the tests create it when one fails).
 #
 # Tools: $PLUGCA_INTEROP_BIN if set, else the folder `interop/tools.sh --bin-dir` prints
 # (etcd, kube-apiserver, kubectl; build them with interop/tools.sh etcd kube-apiserver kubectl).
@@ -36,8 +37,8 @@ bin_dir() {
 
 # A loopback TCP port nobody listens on (a random pick, checked with ss; the start fails loudly on a race).
 free_port() {
-	local p i
-	for i in $(seq 1 200); do
+	local p
+	for _ in $(seq 1 200); do
 		p=$((20000 + RANDOM % 40000))
 		if [[ -z "$(ss -Htln "sport = :$p")" ]] && ! grep -qx "$p" "$state/.ports" 2>/dev/null; then
 			echo "$p" >>"$state/.ports"
@@ -95,7 +96,7 @@ start_etcd() {
 # One cluster: NAME (local|remote) and its etcd prefix.
 start_apiserver() {
 	local name=$1 prefix=$2 dir=$state/$1 port issuer upper
-	upper=$(tr a-z A-Z <<<"$name")
+	upper=$(tr '[:lower:]' '[:upper:]' <<<"$name")
 	mkdir -p "$dir"
 	port=$(free_port)
 	issuer="https://kubernetes.default.svc.$name.lab"
@@ -120,15 +121,16 @@ start_apiserver() {
 		--profiling=false --v=1 \
 		>"$dir/apiserver.log" 2>&1 </dev/null &
 	local pid=$!
-	local kc=$dir/admin.kubeconfig k="$bin/kubectl --kubeconfig=$dir/admin.kubeconfig"
-	$k config set-cluster "$name" --server="https://127.0.0.1:$port" --certificate-authority="$dir/ca.crt" --embed-certs >/dev/null
-	$k config set-credentials admin --client-certificate="$dir/admin.crt" --client-key="$dir/admin.key" --embed-certs >/dev/null
-	$k config set-context "$name" --cluster="$name" --user=admin >/dev/null
-	$k config use-context "$name" >/dev/null
+	local kc=$dir/admin.kubeconfig
+	local k=("$bin/kubectl" "--kubeconfig=$kc")
+	"${k[@]}" config set-cluster "$name" --server="https://127.0.0.1:$port" --certificate-authority="$dir/ca.crt" --embed-certs >/dev/null
+	"${k[@]}" config set-credentials admin --client-certificate="$dir/admin.crt" --client-key="$dir/admin.key" --embed-certs >/dev/null
+	"${k[@]}" config set-context "$name" --cluster="$name" --user=admin >/dev/null
+	"${k[@]}" config use-context "$name" >/dev/null
 	record "${upper}_KUBECONFIG=$kc" "${upper}_SERVER=https://127.0.0.1:$port" "${upper}_APISERVER_PID=$pid" \
 		"${upper}_APISERVER_LOG=$dir/apiserver.log" "${upper}_ISSUER=$issuer" "${upper}_CA=$dir/ca.crt" \
 		"${upper}_ETCD_PREFIX=$prefix"
-	wait_for "$READY_TIMEOUT" "$dir/apiserver.log" "kube-apiserver ($name)" $k get --raw /readyz
+	wait_for "$READY_TIMEOUT" "$dir/apiserver.log" "kube-apiserver ($name)" "${k[@]}" get --raw /readyz
 	log "$name apiserver ready at https://127.0.0.1:$port (kubeconfig $kc)"
 }
 
@@ -157,10 +159,11 @@ cmd=${1:-}
 mkdir -p "$2"
 state=$(cd "$2" && pwd)
 shift 2
-remote=false owner=
+remote=false owner='' purge=false
 while (($#)); do
 	case "$1" in
 	--remote) remote=true ;;
+	--purge) purge=true ;;
 	--owner-pid)
 		owner=$2
 		shift
@@ -187,7 +190,8 @@ up)
 	record "KUBECONFIG=$state/local/admin.kubeconfig" "BIN_DIR=$bin"
 	if [[ -n "$owner" ]]; then
 		# Detached from the caller so it outlives this script; exits when the owner does (bounded 1 s polls).
-		setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; KUBE_LAB_SELF=$$ exec "$2" down "$3"' \
+		# shellcheck disable=SC2016 # expanded by the inner bash
+		setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; KUBE_LAB_SELF=$$ exec "$2" down "$3" --purge' \
 			watchdog "$owner" "${BASH_SOURCE[0]}" "$state" >/dev/null 2>&1 </dev/null &
 		record "WATCHDOG_PID=$!"
 	fi
@@ -196,6 +200,7 @@ up)
 	;;
 down)
 	down
+	if $purge && [[ ! -e "$state/keep" ]]; then rm -rf "$state"; fi
 	;;
 *)
 	die "usage: kube-lab.sh up|down STATE_DIR [--remote] [--owner-pid PID]"

@@ -20,7 +20,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source=SCRIPTDIR/versions.env
 source "$here/versions.env"
 
 ALL_TOOLS=(etcd kube-apiserver kubectl pilot-agent istio-agent-client helm pilot-discovery)
@@ -49,7 +49,7 @@ pin_module() { # DIR MODULE VERSION TOOL...
 	if [[ "$(required_version "$dir" "$module")" == "$version" ]]; then
 		return
 	fi
-	log "pinning $module@$version in ${dir#"$here/../"}/go.mod (commit go.mod and go.sum afterwards)"
+	log "pinning $module@$version in interop/${dir##*/}/go.mod (commit go.mod and go.sum afterwards)"
 	local tool pkgs=()
 	for tool in "$@"; do pkgs+=("$tool@$version"); done
 	(cd "$dir" && if ((${#pkgs[@]})); then run_go get -tool "${pkgs[@]}"; else run_go get "$module@$version"; fi && run_go mod tidy)
