@@ -153,6 +153,13 @@ func main() {
 		OutputKeyCertToDir:                   *out,
 		ProvCert:                             *provCert,
 	}
+	// OutputKeyCertToDir does not create the folder (in a pod it is a mounted emptyDir).
+	if *out != "" {
+		if err := os.MkdirAll(*out, 0o700); err != nil {
+			emit(event{Event: "error", Error: err.Error()})
+			os.Exit(1)
+		}
+	}
 	if *token != "" {
 		opts.CredFetcher = plugin.CreateTokenPlugin(*token)
 	}
