@@ -16,7 +16,7 @@
 #
 # Tools: $PLUGCA_INTEROP_BIN if set, else the folder `interop/tools.sh --bin-dir` prints
 # (etcd, kube-apiserver, kubectl; build them with interop/tools.sh etcd kube-apiserver kubectl).
-set -euo pipefail
+set -Eeuo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 READY_TIMEOUT=${KUBE_LAB_READY_TIMEOUT:-60}
@@ -35,11 +35,14 @@ bin_dir() {
 	fi
 }
 
-# A loopback TCP port nobody listens on (a random pick, checked with ss; the start fails loudly on a race).
+# A loopback TCP port nobody listens on: a random pick below the kernel's ephemeral range (so port-0
+# listeners and outgoing connections of concurrent tests cannot take it), checked with ss. A race left
+# is caught by the callers, which retry on "address already in use".
 free_port() {
-	local p
+	local p low
+	low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 	for _ in $(seq 1 200); do
-		p=$((20000 + RANDOM % 40000))
+		p=$((10000 + RANDOM % (low - 10000)))
 		if [[ -z "$(ss -Htln "sport = :$p")" ]] && ! grep -qx "$p" "$state/.ports" 2>/dev/null; then
 			echo "$p" >>"$state/.ports"
 			echo "$p"
@@ -78,8 +81,21 @@ wait_for() { # SECONDS LOG WHAT CMD...
 	done
 }
 
+# Runs START_FN (which starts a server and waits for it) up to 3 times while its LOG says a port was taken.
+with_port_retry() { # LOG START_FN ARGS...
+	local logf=$1 attempt
+	shift
+	for attempt in 1 2 3; do
+		if "$@"; then return 0; fi
+		grep -q 'address already in use' "$logf" 2>/dev/null || return 1
+		((attempt < 3)) && log "a port was taken meanwhile (attempt $attempt); retrying with new ports"
+	done
+	return 1
+}
+
 start_etcd() {
 	local client_port peer_port
+	rm -rf "$state/etcd" # a retry must not find a member bootstrapped with other ports
 	client_port=$(free_port)
 	peer_port=$(free_port)
 	ETCD_URL=http://127.0.0.1:$client_port
@@ -90,7 +106,10 @@ start_etcd() {
 		>"$state/etcd.log" 2>&1 </dev/null &
 	ETCD_PID=$!
 	record "ETCD_URL=$ETCD_URL" "ETCD_PID=$ETCD_PID" "ETCD_LOG=$state/etcd.log"
-	wait_for 30 "$state/etcd.log" etcd curl -fsS "$ETCD_URL/health"
+	if ! wait_for 30 "$state/etcd.log" etcd curl -fsS "$ETCD_URL/health"; then
+		kill "$ETCD_PID" 2>/dev/null || true
+		return 1
+	fi
 }
 
 # One cluster: NAME (local|remote) and its etcd prefix.
@@ -130,7 +149,10 @@ start_apiserver() {
 	record "${upper}_KUBECONFIG=$kc" "${upper}_SERVER=https://127.0.0.1:$port" "${upper}_APISERVER_PID=$pid" \
 		"${upper}_APISERVER_LOG=$dir/apiserver.log" "${upper}_ISSUER=$issuer" "${upper}_CA=$dir/ca.crt" \
 		"${upper}_ETCD_PREFIX=$prefix"
-	wait_for "$READY_TIMEOUT" "$dir/apiserver.log" "kube-apiserver ($name)" "${k[@]}" get --raw /readyz
+	if ! wait_for "$READY_TIMEOUT" "$dir/apiserver.log" "kube-apiserver ($name)" "${k[@]}" get --raw /readyz; then
+		kill "$pid" 2>/dev/null || true
+		return 1
+	fi
 	log "$name apiserver ready at https://127.0.0.1:$port (kubeconfig $kc)"
 }
 
@@ -184,9 +206,9 @@ up)
 	: >"$state/.ports"
 	trap 'log "up failed; stopping what started"; down' ERR
 	start=$SECONDS
-	start_etcd
-	start_apiserver local /registry
-	if $remote; then start_apiserver remote /remote-cluster; fi
+	with_port_retry "$state/etcd.log" start_etcd
+	with_port_retry "$state/local/apiserver.log" start_apiserver local /registry
+	if $remote; then with_port_retry "$state/remote/apiserver.log" start_apiserver remote /remote-cluster; fi
 	record "KUBECONFIG=$state/local/admin.kubeconfig" "BIN_DIR=$bin"
 	if [[ -n "$owner" ]]; then
 		# Detached from the caller so it outlives this script; exits when the owner does (bounded 1 s polls).
