@@ -175,12 +175,11 @@ impl PilotAgent {
         let deadline = Instant::now() + limit;
         let mut seen: Vec<String> = Vec::new();
         loop {
-            if let Ok(text) = std::fs::read_to_string(self.out().join("cert-chain.pem")) {
-                if let Some(leaf) = pem_blocks(&text).into_iter().next() {
-                    if seen.last() != Some(&leaf) {
-                        seen.push(leaf);
-                    }
-                }
+            if let Ok(text) = std::fs::read_to_string(self.out().join("cert-chain.pem"))
+                && let Some(leaf) = pem_blocks(&text).into_iter().next()
+                && seen.last() != Some(&leaf)
+            {
+                seen.push(leaf);
             }
             if seen.len() >= count {
                 return seen;

@@ -344,7 +344,7 @@ async fn ztunnel_may_impersonate_exactly_the_workloads_the_real_pod_watch_shows_
     .unwrap();
     webpki_verify(&chain);
     let facts = leaf_facts(&chain[0]);
-    assert_eq!(facts.uris, [target.clone()]);
+    assert_eq!(facts.uris, std::slice::from_ref(&target));
     assert_ne!(facts.uris, [ZTUNNEL_ID]);
 
     // Running: still allowed.
