@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod jwks;
+pub mod kube_lab;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};

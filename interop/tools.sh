@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Builds the real peers of the interop tests from the Go module proxy:
+#   etcd, kube-apiserver, kubectl, pilot-agent, pilot-discovery, helm, istio-agent-client.
+#
+#   interop/tools.sh            build every tool that is missing
+#   interop/tools.sh NAME...    build only these (if missing)
+#   interop/tools.sh --bin-dir  print the bin folder and build nothing
+#   interop/tools.sh --list     print the tool names
+#
+# Versions come from interop/versions.env only. The tools land in
+#   ${PLUGCA_INTEROP_DIR:-$HOME/.cache/plugca-interop}/<stamp>/bin
+# where <stamp> hashes versions.env and `go version`, so a version change builds into a new folder.
+# A tool is rebuilt only when its binary is missing (istio-agent-client also when its source changed).
+# The Go module and build caches are Go's defaults, so they persist across runs on one machine.
+#
+# Each wrapper module under interop/<name>/ pins its upstream at the version in versions.env; when
+# versions.env changes, this script updates that go.mod/go.sum (`go get` + `go mod tidy`) and says so:
+# commit the result. The kubernetes module's `replace k8s.io/<staging> => ... v0.<minor>.<patch>` lines are
+# generated from k8s.io/kubernetes' own go.mod on every run, never written by hand.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=SCRIPTDIR/versions.env
+source "$here/versions.env"
+
+ALL_TOOLS=(etcd kube-apiserver kubectl pilot-agent istio-agent-client helm pilot-discovery)
+
+stamp=$( (cat "$here/versions.env"; go version) | sha256sum | cut -c1-12)
+bin_dir="${PLUGCA_INTEROP_DIR:-$HOME/.cache/plugca-interop}/$stamp/bin"
+
+export CGO_ENABLED=0
+# Never let go.mod lines of dependencies pull a different toolchain: the one on PATH builds everything.
+export GOTOOLCHAIN=local
+
+log() { printf 'tools.sh: %s\n' "$*" >&2; }
+
+# go, at low priority: other engineers compile on the same cores.
+run_go() { nice -n 10 go "$@"; }
+
+# The version of MODULE that go.mod in DIR requires ('' if none).
+required_version() { # DIR MODULE
+	awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) && $0 !~ /=>/ {print ($1 == "require" ? $3 : $2); exit}' "$1/go.mod"
+}
+
+# Make DIR/go.mod require MODULE@VERSION with TOOL packages as `tool` lines (go get -tool), then tidy.
+pin_module() { # DIR MODULE VERSION TOOL...
+	local dir=$1 module=$2 version=$3
+	shift 3
+	if [[ "$(required_version "$dir" "$module")" == "$version" ]]; then
+		return
+	fi
+	log "pinning $module@$version in interop/${dir##*/}/go.mod (commit go.mod and go.sum afterwards)"
+	local tool pkgs=()
+	for tool in "$@"; do pkgs+=("$tool@$version"); done
+	(cd "$dir" && if ((${#pkgs[@]})); then run_go get -tool "${pkgs[@]}"; else run_go get "$module@$version"; fi && run_go mod tidy)
+}
+
+# k8s.io/kubernetes requires each staging repo at v0.0.0, which is not published: replace each one by the
+# published v0.<minor>.<patch>. The list is read from k8s.io/kubernetes' own go.mod (its `=> ./staging/...` lines).
+kubernetes_replaces() {
+	local gomod minor_patch=${KUBERNETES_VERSION#v1.}
+	gomod=$(GOFLAGS=-mod=mod go list -m -f '{{.GoMod}}' "k8s.io/kubernetes@$KUBERNETES_VERSION")
+	awk -v v="v0.$minor_patch" '$2 == "=>" && $3 ~ /^\.\/staging\// {print "replace " $1 " => " $1 " " v}' "$gomod" | sort -u
+	[[ -s "$gomod" ]]
+}
+
+sync_kubernetes_module() {
+	local dir=$here/kubernetes replaces current
+	replaces=$(cd "$dir" && kubernetes_replaces)
+	if [[ -z "$replaces" ]]; then
+		log "no staging replaces found in k8s.io/kubernetes@$KUBERNETES_VERSION's go.mod"
+		exit 1
+	fi
+	current=$(grep '^replace k8s\.io/' "$dir/go.mod" | sort -u || true)
+	if [[ "$replaces" != "$current" ]]; then
+		log "regenerating the $(wc -l <<<"$replaces") staging replaces in interop/kubernetes/go.mod from k8s.io/kubernetes@$KUBERNETES_VERSION"
+		{
+			grep -v '^replace k8s\.io/' "$dir/go.mod"
+			printf '%s\n' "$replaces"
+		} >"$dir/go.mod.new"
+		mv "$dir/go.mod.new" "$dir/go.mod"
+		(cd "$dir" && GOFLAGS=-mod=mod run_go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION" && run_go mod tidy)
+	fi
+	pin_module "$dir" k8s.io/kubernetes "$KUBERNETES_VERSION" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+}
+
+# `/version` of kube-apiserver and `kubectl version` report these instead of v0.0.0-master.
+kubernetes_ldflags() {
+	local minor=${KUBERNETES_VERSION#v1.}
+	minor=${minor%%.*}
+	local commit tree=clean date
+	# The proxy's .info records the upstream commit of a tagged version.
+	commit=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" 2>/dev/null | awk -F'"' '$2 == "Hash" {print $4; exit}' || true)
+	date=$(go list -m -f '{{.Time}}' "k8s.io/kubernetes@$KUBERNETES_VERSION" 2>/dev/null | sed 's/ .*//' || true)
+	local flags="-s -w" p
+	for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		flags+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=$tree"
+		[[ -n "$commit" ]] && flags+=" -X $p.gitCommit=$commit"
+		[[ -n "$date" ]] && flags+=" -X $p.buildDate=${date}T00:00:00Z"
+	done
+	printf '%s' "$flags"
+}
+
+istio_ldflags() {
+	local p=istio.io/istio/pkg/version
+	printf '%s' "-s -w -X $p.buildVersion=$ISTIO_VERSION -X $p.buildGitRevision=${ISTIO_VERSION##*-} -X $p.buildStatus=Clean -X $p.buildTag=$ISTIO_VERSION"
+}
+
+# Hash of our own program's source: its binary is rebuilt when this changes.
+client_source_hash() {
+	cat "$here/istio-agent-client/go.mod" "$here/istio-agent-client/go.sum" "$here"/istio-agent-client/*.go | sha256sum | cut -c1-16
+}
+
+build() { # NAME
+	local name=$1 out="$bin_dir/$1" start
+	if [[ "$name" == istio-agent-client ]]; then
+		if [[ -x "$out" && "$(cat "$out.src" 2>/dev/null)" == "$(client_source_hash)" ]]; then
+			return
+		fi
+	elif [[ -x "$out" ]]; then
+		return
+	fi
+	mkdir -p "$bin_dir"
+	log "building $name into $bin_dir"
+	start=$(date +%s)
+	case "$name" in
+	etcd)
+		pin_module "$here/etcd" go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+		(cd "$here/etcd" && run_go build -trimpath -ldflags "-s -w" -o "$out.tmp" .)
+		;;
+	kube-apiserver | kubectl)
+		sync_kubernetes_module
+		(cd "$here/kubernetes" && run_go build -trimpath -ldflags "$(kubernetes_ldflags)" -o "$out.tmp" "k8s.io/kubernetes/cmd/$name")
+		;;
+	pilot-agent)
+		pin_module "$here/istio" istio.io/istio "$ISTIO_VERSION" istio.io/istio/pilot/cmd/pilot-agent istio.io/istio/pilot/cmd/pilot-discovery
+		# The tags of Istio's own agent build (Makefile.core.mk AGENT_TAGS).
+		(cd "$here/istio" && run_go build -trimpath -tags agent,disable_pgv,grpcnotrace,retrynotrace -ldflags "$(istio_ldflags)" -o "$out.tmp" istio.io/istio/pilot/cmd/pilot-agent)
+		;;
+	pilot-discovery)
+		pin_module "$here/istio" istio.io/istio "$ISTIO_VERSION" istio.io/istio/pilot/cmd/pilot-agent istio.io/istio/pilot/cmd/pilot-discovery
+		# The tags of Istio's own istiod build (Makefile.core.mk STANDARD_TAGS).
+		(cd "$here/istio" && run_go build -trimpath -tags vtprotobuf,disable_pgv -ldflags "$(istio_ldflags)" -o "$out.tmp" istio.io/istio/pilot/cmd/pilot-discovery)
+		;;
+	istio-agent-client)
+		pin_module "$here/istio-agent-client" istio.io/istio "$ISTIO_VERSION"
+		(cd "$here/istio-agent-client" && run_go build -trimpath -tags agent,disable_pgv -o "$out.tmp" .)
+		client_source_hash >"$out.src"
+		;;
+	helm)
+		pin_module "$here/helm" helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+		(cd "$here/helm" && run_go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$out.tmp" helm.sh/helm/v3/cmd/helm)
+		;;
+	*)
+		log "unknown tool '$name' (known: ${ALL_TOOLS[*]})"
+		exit 2
+		;;
+	esac
+	mv "$out.tmp" "$out"
+	log "built $name in $(($(date +%s) - start)) s ($(du -m "$out" | cut -f1) MB)"
+}
+
+case "${1:-}" in
+--bin-dir)
+	printf '%s\n' "$bin_dir"
+	exit 0
+	;;
+--list)
+	printf '%s\n' "${ALL_TOOLS[@]}"
+	exit 0
+	;;
+-h | --help)
+	sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+	exit 0
+	;;
+esac
+
+tools=("$@")
+((${#tools[@]})) || tools=("${ALL_TOOLS[@]}")
+total_start=$(date +%s)
+for tool in "${tools[@]}"; do
+	build "$tool"
+done
+log "all requested tools present in $bin_dir ($(($(date +%s) - total_start)) s)"
