@@ -31,11 +31,11 @@ fn peers(tool: &str) -> Option<Peers> {
 }
 
 /// plugca with the lab's clusters (local `lab-local`, remote `lab-remote`).
-async fn plugca(lab: &KubeLab, extra: &[&str]) -> (TestServer, tempfile::TempDir) {
+async fn plugca(lab: &KubeLab, extra: &[&str]) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut args = server_args(Path::new(CERTS), extra);
     args.extend(lab.plugca_args(dir.path(), LOCAL_ID, REMOTE_ID));
-    (start_server(&args).await, dir)
+    (Server::start(&args).await, dir)
 }
 
 /// A namespace, service account `workload`, a Pending pod and its bound
@@ -72,7 +72,7 @@ fn pem_blocks(text: &str) -> Vec<String> {
 
 /// The written chain verifies (openssl) against the plugged root, not the
 /// root the agent wrote; `root-cert.pem` is that root; returns the leaf.
-fn check_written_certs(out: &Path, server: &TestServer) -> String {
+fn check_written_certs(out: &Path, server: &Server) -> String {
     let chain = pem_blocks(&std::fs::read_to_string(out.join("cert-chain.pem")).unwrap());
     assert!(chain.len() >= 2, "cert-chain.pem holds the whole chain");
     let mut to_verify = chain[..chain.len() - 1].to_vec();
@@ -112,7 +112,7 @@ struct PilotAgent {
 }
 
 impl PilotAgent {
-    fn start(bin: &Path, server: &TestServer, w: &Workload, env: &[(&str, &str)]) -> PilotAgent {
+    fn start(bin: &Path, server: &Server, w: &Workload, env: &[(&str, &str)]) -> PilotAgent {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for sub in [
@@ -274,7 +274,7 @@ impl Run {
 
 /// Runs istio-agent-client against `server` with `args` (bounded by its own
 /// --timeout, and by a kill 10 s later).
-fn client(bin: &Path, server: &TestServer, dir: &Path, args: &[&str]) -> Run {
+fn client(bin: &Path, server: &Server, dir: &Path, args: &[&str]) -> Run {
     let root = write_file(dir, "ca-root.pem", &server.root_pem);
     let child = Command::new(bin.join("istio-agent-client"))
         .arg(format!("-ca-addr=localhost:{}", server.grpc.port()))

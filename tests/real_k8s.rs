@@ -40,7 +40,7 @@ fn impersonation_failure() -> (Code, String) {
 
 /// plugca with the lab's local apiserver as `lab-local` and the remote one as
 /// `lab-remote`, trusting istio-system/ztunnel for node authorization.
-async fn plugca(lab: &KubeLab, extra: &[&str]) -> (TestServer, tempfile::TempDir) {
+async fn plugca(lab: &KubeLab, extra: &[&str]) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut args = server_args(
         std::path::Path::new(CERTS),
@@ -48,7 +48,7 @@ async fn plugca(lab: &KubeLab, extra: &[&str]) -> (TestServer, tempfile::TempDir
     );
     args.extend(lab.plugca_args(dir.path(), LOCAL_ID, REMOTE_ID));
     args.extend(extra.iter().map(|s| s.to_string()));
-    (start_server(&args).await, dir)
+    (Server::start(&args).await, dir)
 }
 
 fn with_token(token: &str, cluster: Option<&str>) -> RequestOptions {
