@@ -21,6 +21,7 @@ use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, Layout};
 use crate::config::Config;
 use crate::fault::Faults;
+use crate::identity::TrustDomains;
 use crate::impersonation::Impersonation;
 use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
 use crate::impersonation::policy::{Policy, PolicyError};
@@ -228,6 +229,10 @@ impl App {
                 },
                 max_concurrent_signs: config.max_concurrent_signs,
                 sign_queue_timeout: config.sign_queue_timeout,
+                trust_domains: TrustDomains::new(
+                    config.trust_domain.clone(),
+                    config.trust_domain_aliases.clone(),
+                ),
             },
             metrics.clone(),
             faults.clone(),

@@ -31,6 +31,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_TOKEN_AUDIENCES: &str = "istio-ca";
 pub const DEFAULT_KUBE_API_TIMEOUT: &str = "5s";
+pub const DEFAULT_TOKEN_REVIEW_CACHE_TTL: &str = "60s";
 
 /// Flags of `plugca serve`. Each can also be set from the environment variable shown.
 #[derive(Debug, Clone, Args)]
@@ -202,6 +203,26 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    // Authentication and reload hardening (issue #12 items 5-8, 10; #9 item 5).
+    /// Other trust domains (comma-separated) the CA may issue SPIFFE identities
+    /// in besides --trust-domain, like istiod's meshConfig trustDomainAliases.
+    /// Identities in any other trust domain are refused, whoever asks.
+    #[arg(long, env = "PLUGCA_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
+
+    /// Allow kubeconfigs in --remote-kubeconfigs to run credential plugins
+    /// (users[].user.exec, auth-provider). Off: such a file stops the server at
+    /// start (istiod refuses them in remote secrets too), because the command
+    /// would run with plugca's privileges.
+    #[arg(long, env = "PLUGCA_ALLOW_REMOTE_KUBECONFIG_EXEC")]
+    pub allow_remote_kubeconfig_exec: bool,
+
+    /// Longest time a positive TokenReview is remembered (never past the
+    /// token's exp), so a revoked token (deleted pod) stops working by then.
+    /// 0s: review every request.
+    #[arg(long, env = "PLUGCA_TOKEN_REVIEW_CACHE_TTL", default_value = DEFAULT_TOKEN_REVIEW_CACHE_TTL)]
+    pub token_review_cache_ttl: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -264,6 +285,8 @@ pub struct Config {
     /// `Some` (possibly empty) when fault injection is enabled.
     pub faults: Option<Vec<Fault>>,
     pub log_format: LogFormat,
+    /// `--trust-domain-aliases`: where else SPIFFE identities may be issued.
+    pub trust_domain_aliases: Vec<TrustDomain>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -488,6 +511,22 @@ impl ServeArgs {
                 None
             },
             log_format: self.log_format,
+            trust_domain_aliases: self
+                .trust_domain_aliases
+                .iter()
+                .map(|a| a.trim())
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    TrustDomain::parse(a).map_err(|e| {
+                        invalid(
+                            "--trust-domain-aliases",
+                            "PLUGCA_TRUST_DOMAIN_ALIASES",
+                            a,
+                            e.to_string(),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -580,12 +619,23 @@ impl ServeArgs {
                     &reason,
                 )
             })?;
+        let token_review_cache_ttl =
+            duration::parse(&self.token_review_cache_ttl).map_err(|e| {
+                invalid(
+                    "--token-review-cache-ttl",
+                    "PLUGCA_TOKEN_REVIEW_CACHE_TTL",
+                    &self.token_review_cache_ttl,
+                    &e.to_string(),
+                )
+            })?;
         Ok(Some(KubernetesConfig {
             local,
             cluster_id: self.cluster_id.clone(),
             remote_kubeconfigs: self.remote_kubeconfigs.clone(),
             token_audiences,
             api_timeout,
+            token_review_cache_ttl,
+            allow_remote_exec: self.allow_remote_kubeconfig_exec,
         }))
     }
 }
@@ -791,6 +841,52 @@ mod tests {
                 "istio-system/ztunnel"
             ])
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn trust_domain_aliases_are_validated_trust_domains() {
+        assert!(parse(&[]).unwrap().trust_domain_aliases.is_empty());
+        let c = parse(&["--trust-domain-aliases", "old.td, other@td"]).unwrap();
+        assert_eq!(
+            c.trust_domain_aliases
+                .iter()
+                .map(TrustDomain::as_str)
+                .collect::<Vec<_>>(),
+            ["old.td", "other.td"]
+        );
+        let e = parse(&["--trust-domain-aliases", "Bad/TD"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--trust-domain-aliases (env PLUGCA_TRUST_DOMAIN_ALIASES): \"Bad/TD\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_token_review_cache_lifetime_defaults_to_a_minute() {
+        let k = parse(&["--kubeconfig", "/k"]).unwrap().kubernetes.unwrap();
+        assert_eq!(k.token_review_cache_ttl, Duration::from_secs(60));
+        assert!(!k.allow_remote_exec);
+        let k = parse(&[
+            "--kubeconfig",
+            "/k",
+            "--token-review-cache-ttl",
+            "0s",
+            "--allow-remote-kubeconfig-exec",
+        ])
+        .unwrap()
+        .kubernetes
+        .unwrap();
+        assert_eq!(k.token_review_cache_ttl, Duration::ZERO);
+        assert!(k.allow_remote_exec);
+        let e = parse(&["--kubeconfig", "/k", "--token-review-cache-ttl", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--token-review-cache-ttl (env PLUGCA_TOKEN_REVIEW_CACHE_TTL)"),
+            "{e}"
         );
     }
 

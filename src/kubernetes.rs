@@ -39,6 +39,10 @@ pub struct KubernetesConfig {
     /// Longest wait for one API call (TokenReview) before the request fails
     /// with UNAVAILABLE.
     pub api_timeout: Duration,
+    /// Longest a positive TokenReview is remembered (never past the token's exp).
+    pub token_review_cache_ttl: Duration,
+    /// Remote kubeconfigs may run credential plugins (`exec`, `auth-provider`).
+    pub allow_remote_exec: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

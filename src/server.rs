@@ -19,7 +19,7 @@ use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, RequestCont
 use crate::ca::CaBundle;
 use crate::csr::{CsrError, VerifiedCsr};
 use crate::fault::{Fault, Faults, LeafFaults};
-use crate::identity::TrustDomain;
+use crate::identity::{TrustDomain, TrustDomainError, TrustDomains};
 use crate::impersonation::{Impersonation, ImpersonationError};
 use crate::issuance::{self, IssueError, Issued, TtlPolicy};
 use crate::metrics::{
@@ -69,6 +69,8 @@ pub struct ServiceConfig {
     pub ttl: TtlPolicy,
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
+    /// Where SPIFFE identities may be issued; checked for every caller.
+    pub trust_domains: TrustDomains,
 }
 
 #[derive(Clone)]
@@ -135,6 +137,8 @@ pub enum ServiceError {
     AuthnUnavailable(Vec<AuthnError>),
     LabModeIdentity(TrustedCsrError),
     Impersonation(ImpersonationError),
+    /// The (possibly impersonated) identity is outside our trust domains.
+    OutsideTrustDomain(TrustDomainError),
     CaNotReady,
     Csr(CsrError),
     Issue(IssueError),
@@ -150,9 +154,9 @@ impl ServiceError {
     /// The one error-to-status mapping. Authentication details stay in the log.
     pub fn to_status(&self) -> Status {
         match self {
-            ServiceError::Unauthenticated(_) | ServiceError::LabModeIdentity(_) => {
-                Status::unauthenticated(MSG_AUTHN_FAILURE)
-            }
+            ServiceError::Unauthenticated(_)
+            | ServiceError::LabModeIdentity(_)
+            | ServiceError::OutsideTrustDomain(_) => Status::unauthenticated(MSG_AUTHN_FAILURE),
             ServiceError::AuthnUnavailable(_) => Status::unavailable(MSG_AUTHN_UNAVAILABLE),
             ServiceError::Impersonation(e) if e.is_transient() => {
                 Status::unavailable(MSG_AUTHN_UNAVAILABLE)
@@ -184,6 +188,7 @@ impl ServiceError {
             | ServiceError::AuthnUnavailable(_)
             | ServiceError::LabModeIdentity(_)
             | ServiceError::Impersonation(_)
+            | ServiceError::OutsideTrustDomain(_)
             | ServiceError::Overloaded { .. }
             | ServiceError::Injected(_) => None,
             ServiceError::CaNotReady => Some(SignErrorType::CA_NOT_READY),
@@ -213,6 +218,7 @@ impl ServiceError {
                 | ServiceError::AuthnUnavailable(_)
                 | ServiceError::LabModeIdentity(_)
                 | ServiceError::Impersonation(_)
+                | ServiceError::OutsideTrustDomain(_)
         )
     }
 
@@ -231,6 +237,7 @@ impl ServiceError {
             }
             ServiceError::LabModeIdentity(e) => e.to_string(),
             ServiceError::Impersonation(e) => e.to_string(),
+            ServiceError::OutsideTrustDomain(e) => e.to_string(),
             ServiceError::CaNotReady => "no CA bundle is loaded".into(),
             ServiceError::Csr(e) => e.to_string(),
             ServiceError::Issue(e) => e.to_string(),
@@ -333,6 +340,7 @@ impl CertificateService {
         let lab_mode = inner.config.lab_mode.clone();
         let policy = inner.config.ttl;
         let leaf_faults = LeafFaults::from_faults(faults);
+        let trust_domains = inner.config.trust_domains.clone();
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut caller = header_caller;
@@ -348,6 +356,11 @@ impl CertificateService {
                 let who = caller
                     .as_ref()
                     .ok_or(ServiceError::Unauthenticated(Vec::new()))?;
+                // The one trust-domain check every authenticator, impersonation
+                // and lab mode pass: nothing else may reach the signer.
+                trust_domains
+                    .check(who.identities())
+                    .map_err(ServiceError::OutsideTrustDomain)?;
                 let issued = issuance::issue_with_faults(
                     &bundle,
                     who,

@@ -30,6 +30,9 @@ async fn xfcc_server() -> TestServer {
         CERTS,
         "--trusted-gateway-cidrs",
         "172.17.0.0/16",
+        // Istio's example header names this trust domain.
+        "--trust-domain-aliases",
+        "mesh.example.com",
     ])
     .await
 }
@@ -147,5 +150,26 @@ async fn a_client_certificate_wins_over_forwarded_identities() {
         leaf_facts(&chain[0]).uris,
         ["spiffe://cluster.local/ns/gw/sa/client"]
     );
+    server.stop().await;
+}
+
+/// Issue #12 item 7: a trusted gateway cannot forward an identity of another
+/// trust domain than ours and its aliases.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_identity_outside_the_trust_domains_is_refused() {
+    let logs = logs();
+    let server = xfcc_server().await;
+    let mut client = server.client().await;
+    let evil = "URI=spiffe://evil.example/ns/default/sa/x";
+    assert_eq!(
+        send_raw(&mut client, body(), &[("x-forwarded-client-cert", evil)])
+            .await
+            .unwrap_err(),
+        (Code::Unauthenticated, "request authenticate failure".into())
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "identity \"spiffe://evil.example/ns/default/sa/x\" is in trust domain \"evil.example\", not in cluster.local, mesh.example.com",
+    ]);
     server.stop().await;
 }
