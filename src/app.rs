@@ -165,7 +165,10 @@ impl App {
         };
         if let Some(cidrs) = &config.trusted_gateway_cidrs {
             info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
-            chain.push(Box::new(XfccAuthenticator::new(cidrs.clone())));
+            chain.push(Box::new(
+                XfccAuthenticator::new(cidrs.clone())
+                    .reserving(&tls::serving_dns_names(&config.server_dns_names)),
+            ));
         }
         if config.insecure_trust_csr_identity {
             warn!(

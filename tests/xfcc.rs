@@ -173,3 +173,87 @@ async fn a_forwarded_identity_outside_the_trust_domains_is_refused() {
     ]);
     server.stop().await;
 }
+
+/// Issue #12 item 6: wildcards other than a whole leftmost label, the CA's own
+/// serving names (defaults and --server-dns-names) and too many SANs are
+/// refused; repeated identities become one SAN.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_wildcards_and_the_cas_own_names_are_refused() {
+    let logs = logs();
+    let server = TestServer::start(&[
+        "--cacerts-dir",
+        CERTS,
+        "--trusted-gateway-cidrs",
+        "172.17.0.0/16",
+        "--server-dns-names",
+        "ca.plugca.example",
+    ])
+    .await;
+    let mut client = server.client().await;
+    let many: Vec<String> = (0..40).map(|n| format!("DNS=n{n}.example.com")).collect();
+    let many = many.join(";");
+    for (header, reason) in [
+        ("DNS=*", "XFCC identity \"*\" has a wildcard"),
+        ("DNS=*.*.com", "XFCC identity \"*.*.com\" has a wildcard"),
+        (
+            "DNS=a*b*c.example",
+            "XFCC identity \"a*b*c.example\" has a wildcard",
+        ),
+        ("DNS=*.com", "XFCC identity \"*.com\" has a wildcard"),
+        (
+            "DNS=istiod.istio-system.svc",
+            "XFCC identity \"istiod.istio-system.svc\" is (or covers) a serving name of this CA",
+        ),
+        (
+            "DNS=*.istio-system.svc",
+            "XFCC identity \"*.istio-system.svc\" is (or covers) a serving name of this CA",
+        ),
+        (
+            "DNS=ca.plugca.example",
+            "XFCC identity \"ca.plugca.example\" is (or covers) a serving name of this CA",
+        ),
+        (
+            many.as_str(),
+            "the XFCC header names 40 distinct identities, more than 16",
+        ),
+    ] {
+        assert_eq!(
+            send_raw(&mut client, body(), &[("x-forwarded-client-cert", header)])
+                .await
+                .unwrap_err(),
+            (Code::Unauthenticated, "request authenticate failure".into()),
+            "{header}"
+        );
+        logs.assert_line(&["CreateCertificate refused", reason]);
+    }
+    let chain = send_raw(
+        &mut client,
+        body(),
+        &[(
+            "x-forwarded-client-cert",
+            "DNS=*.apps.example.com;DNS=a.example.com;DNS=a.example.com,DNS=a.example.com",
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        leaf_facts(&chain[0]).dns,
+        ["*.apps.example.com", "a.example.com"]
+    );
+    server.stop().await;
+}
+
+/// Issue #12 item 6: a gateway range like 0.0.0.0/0 is accepted but warned about.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_very_broad_gateway_range_is_warned_about_at_start() {
+    let logs = logs();
+    let server = TestServer::start(&[
+        "--cacerts-dir",
+        CERTS,
+        "--trusted-gateway-cidrs",
+        "0.0.0.0/0",
+    ])
+    .await;
+    logs.assert_line(&["very broad range", "cidr=0.0.0.0/0"]);
+    server.stop().await;
+}
