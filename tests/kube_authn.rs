@@ -471,3 +471,79 @@ async fn a_bad_kubeconfig_stops_the_server_at_start_naming_the_file() {
         "{e}"
     );
 }
+
+/// Issue #12 item 8: a remote kubeconfig whose user runs a command (exec
+/// credential plugin) stops the server at start, naming the file and the
+/// user, and the command never runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_kubeconfig_that_would_run_a_command_is_refused_without_running_it() {
+    let fake = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = fake.write_kubeconfig(&dir.path().join("local"));
+    let remotes = dir.path().join("remotes");
+    std::fs::create_dir(&remotes).unwrap();
+    let marker = dir.path().join("exec-ran");
+    let remote = remotes.join("east");
+    std::fs::write(
+        &remote,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: east
+  cluster:
+    server: https://{addr}
+    insecure-skip-tls-verify: true
+contexts:
+- name: east
+  context: {{cluster: east, user: pwn}}
+current-context: east
+users:
+- name: pwn
+  user:
+    exec:
+      apiVersion: client.authentication.k8s.io/v1
+      command: /bin/sh
+      args: [\"-c\", \"touch {marker} && echo '{{\\\"apiVersion\\\":\\\"client.authentication.k8s.io/v1\\\",\\\"kind\\\":\\\"ExecCredential\\\",\\\"status\\\":{{\\\"token\\\":\\\"x\\\"}}}}'\"]
+      interactiveMode: Never
+",
+            addr = fake.addr,
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
+    let cli = <plugca::cli::Cli as clap::Parser>::try_parse_from([
+        "plugca",
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--monitoring-addr",
+        "127.0.0.1:0",
+        "--cacerts-dir",
+        CERTS,
+        "--kubeconfig",
+        local.to_str().unwrap(),
+        "--remote-kubeconfigs",
+        remotes.to_str().unwrap(),
+    ])
+    .unwrap();
+    let plugca::cli::Command::Serve(serve) = cli.command else {
+        unreachable!()
+    };
+    let config = serve.into_config().unwrap();
+    let e = match tokio::time::timeout(Duration::from_secs(30), plugca::app::App::build(&config))
+        .await
+        .expect("start-up is bounded")
+    {
+        Ok(_) => panic!("started with a remote kubeconfig that runs a command"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        e,
+        format!(
+            "--remote-kubeconfigs {}: user \"pwn\" has a credential plugin (users[].user.exec), which would run a command with plugca's privileges; use a token or client certificate, or pass --allow-remote-kubeconfig-exec if the file is trusted",
+            remote.display()
+        )
+    );
+    assert!(!marker.exists(), "the exec command ran");
+}
