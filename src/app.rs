@@ -153,12 +153,16 @@ impl App {
             Some(k) => {
                 let clusters = Arc::new(Clusters::load(k).await?);
                 info!(source = %k.local, clusters = ?clusters.ids(), audiences = ?k.token_audiences, "Kubernetes TokenReview authentication");
-                chain.push(Box::new(KubeJwtAuthenticator::new(
-                    clusters.clone(),
-                    k.token_audiences.clone(),
-                    config.trust_domain.clone(),
-                    k.api_timeout,
-                )));
+                chain.push(Box::new(
+                    KubeJwtAuthenticator::new(
+                        clusters.clone(),
+                        k.token_audiences.clone(),
+                        config.trust_domain.clone(),
+                        k.api_timeout,
+                    )
+                    .with_cache_ttl(k.token_review_cache_ttl)
+                    .with_metrics(metrics.clone()),
+                ));
                 Some(clusters)
             }
             None => None,

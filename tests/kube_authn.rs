@@ -547,3 +547,167 @@ users:
     );
     assert!(!marker.exists(), "the exec command ran");
 }
+
+/// Issue #12 item 10: 400 requests with the same junk token (which the API
+/// server refuses with an error) cost a handful of TokenReviews, not 400,
+/// even when sent concurrently; later requests are answered from the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_junk_tokens_cost_a_handful_of_token_reviews() {
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &[]).await;
+    let client = server.client().await;
+    let csr_text = ztunnel_csr();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut client = client.clone();
+        let csr_text = csr_text.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for _ in 0..20 {
+                let e = request(
+                    &mut client,
+                    csr_text.clone(),
+                    &bearer("junk-token-x10".into()),
+                )
+                .await
+                .unwrap_err();
+                assert_eq!(e, authn_failure());
+                refused += 1;
+            }
+            refused
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        refused += tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("bounded")
+            .unwrap();
+    }
+    assert_eq!(refused, 400);
+    let reviews = fake.reviews();
+    assert!(reviews <= 3, "{reviews} TokenReviews for 400 junk requests");
+    assert!(
+        metric(
+            &server,
+            "plugca_token_reviews_total{result=\"cached_refusal\"}"
+        )
+        .await
+        .is_some_and(|v| v.parse::<u64>().unwrap() >= 397)
+    );
+    server.stop().await;
+}
+
+/// Issue #12 item 10: at most 32 reviews are in flight; requests beyond
+/// that wait briefly, then get UNAVAILABLE (retried by clients) and are counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn reviews_beyond_the_concurrency_cap_are_shed_with_unavailable() {
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &["--kube-api-timeout", "20s"]).await;
+    fake.slow_reviews(Some(Duration::from_secs(4)));
+    let client = server.client().await;
+    let csr_text = ztunnel_csr();
+    let mut tasks = Vec::new();
+    for n in 0..48 {
+        let mut client = client.clone();
+        let csr_text = csr_text.clone();
+        tasks.push(tokio::spawn(async move {
+            request(&mut client, csr_text, &bearer(format!("distinct-junk-{n}")))
+                .await
+                .unwrap_err()
+                .0
+        }));
+    }
+    let mut unavailable = 0;
+    for t in tasks {
+        let code = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("bounded")
+            .unwrap();
+        match code {
+            Code::Unavailable => unavailable += 1,
+            Code::Unauthenticated => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(unavailable >= 1, "nothing was shed");
+    assert_eq!(
+        fake.reviews() + unavailable,
+        48,
+        "each request reviewed or shed"
+    );
+    assert_eq!(
+        metric(&server, "plugca_token_reviews_total{result=\"shed\"}")
+            .await
+            .as_deref(),
+        Some(unavailable.to_string().as_str())
+    );
+    fake.slow_reviews(None);
+    server.stop().await;
+}
+
+/// Issue #9 item 5: a positive review is remembered at most
+/// --token-review-cache-ttl, so a token the API server stops vouching for
+/// (its pod was deleted) is refused once that time has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_token_is_refused_once_the_cache_lifetime_has_passed() {
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &["--token-review-cache-ttl", "1s"]).await;
+    let mut client = server.client().await;
+    let token = fake.sa_token("foo", "bar", None);
+    request(&mut client, ztunnel_csr(), &bearer(token.clone()))
+        .await
+        .unwrap();
+    request(&mut client, ztunnel_csr(), &bearer(token.clone()))
+        .await
+        .unwrap();
+    assert_eq!(fake.reviews(), 1, "cached within the lifetime");
+    // The pod is deleted: the API server no longer authenticates the token.
+    fake.register(&token, Review::NotAuthenticated);
+    let mut refused = false;
+    for _ in 0..100 {
+        if request(&mut client, ztunnel_csr(), &bearer(token.clone()))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the revoked token kept working for 10 s");
+    assert!(fake.reviews() >= 2);
+    server.stop().await;
+}
+
+/// Issue #9 item 5: a review whose echoed status.audiences names none of
+/// --token-audiences is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_review_for_other_audiences_is_refused() {
+    let logs = logs();
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &[]).await;
+    let mut client = server.client().await;
+    fake.register(
+        "other-audience-token",
+        Review::OtherAudience {
+            namespace: "foo".into(),
+            name: "bar".into(),
+        },
+    );
+    assert_eq!(
+        request(
+            &mut client,
+            ztunnel_csr(),
+            &bearer("other-audience-token".into())
+        )
+        .await
+        .unwrap_err(),
+        authn_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "the token is for audiences [kubernetes.default.svc], none of ours [istio-ca]",
+    ]);
+    server.stop().await;
+}
