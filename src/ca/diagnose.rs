@@ -740,6 +740,15 @@ fn explain(e: &BundleError, ctx: &Context) -> Problem {
             };
             error("unreadable-file", Some(&name), None, fix)
         }
+        BundleError::NotRegularFile { file, kind } => {
+            let name = file_name(file);
+            error(
+                "not-a-regular-file",
+                Some(&name),
+                Some(format!("reading a {kind} could block or never end, so plugca refuses it")),
+                format!("replace {name} with a regular file (or a symlink to one) holding the PEM text"),
+            )
+        }
         BundleError::TooLarge { file, .. } => {
             let name = file_name(file);
             error(
