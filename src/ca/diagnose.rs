@@ -742,11 +742,16 @@ fn explain(e: &BundleError, ctx: &Context) -> Problem {
         }
         BundleError::NotRegularFile { file, kind } => {
             let name = file_name(file);
+            // The same finding as any other unreadable file, with the reason.
             error(
-                "not-a-regular-file",
+                "unreadable-file",
                 Some(&name),
-                Some(format!("reading a {kind} could block or never end, so plugca refuses it")),
-                format!("replace {name} with a regular file (or a symlink to one) holding the PEM text"),
+                Some(format!(
+                    "it is a {kind}: reading one could block or never end, so plugca refuses it"
+                )),
+                format!(
+                    "make {name} a regular file readable by the user running plugca (in Kubernetes: the secret volume's defaultMode and the pod's fsGroup)"
+                ),
             )
         }
         BundleError::TooLarge { file, .. } => {
