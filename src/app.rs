@@ -22,6 +22,7 @@ use crate::ca::Current;
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, CaBundle, Layout};
 use crate::config::Config;
+use crate::identity::TrustDomains;
 use crate::impersonation::Impersonation;
 use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
 use crate::impersonation::policy::{Policy, PolicyError};
@@ -241,7 +242,7 @@ impl App {
         ));
         reloader.check_expiry(now);
 
-        let (authenticators, clusters) = authenticators(config, &ca).await?;
+        let (authenticators, clusters) = authenticators(config, &ca, &metrics).await?;
         // In-cluster controllers (issue 10): checked and announced here, started in `run`.
         crate::controllers::check_shared_root(&config.controllers, ca.current().as_deref())?;
         let local_client = clusters
@@ -268,6 +269,10 @@ impl App {
                 },
                 max_concurrent_signs: config.issuance.max_concurrent_signs,
                 sign_queue_timeout: config.issuance.sign_queue_timeout,
+                trust_domains: TrustDomains::new(
+                    config.trust_domain.clone(),
+                    config.trust_domain_aliases.clone(),
+                ),
             },
             metrics.clone(),
             faults.clone(),
@@ -456,6 +461,7 @@ fn load_ca(
 async fn authenticators(
     config: &Config,
     ca: &Arc<Current>,
+    metrics: &Arc<Metrics>,
 ) -> Result<(Authenticators, Option<Arc<Clusters>>), AppError> {
     let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
         config.trust_domain.clone(),
@@ -488,19 +494,25 @@ async fn authenticators(
         Some(k) => {
             let clusters = Arc::new(Clusters::load(k).await?);
             info!(source = %k.local, clusters = ?clusters.ids(), audiences = ?k.token_audiences, "Kubernetes TokenReview authentication");
-            chain.push(Box::new(KubeJwtAuthenticator::new(
-                clusters.clone(),
-                k.token_audiences.clone(),
-                config.trust_domain.clone(),
-                k.api_timeout,
-            )));
+            chain.push(Box::new(
+                KubeJwtAuthenticator::new(
+                    clusters.clone(),
+                    k.token_audiences.clone(),
+                    config.trust_domain.clone(),
+                    k.api_timeout,
+                )
+                .with_cache_ttl(k.token_review_cache_ttl)
+                .with_metrics(metrics.clone()),
+            ));
             Some(clusters)
         }
         None => None,
     };
     if let Some(cidrs) = &config.authn.trusted_gateway_cidrs {
         info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
-        chain.push(Box::new(XfccAuthenticator::new(cidrs.clone())));
+        chain.push(Box::new(XfccAuthenticator::new(cidrs.clone()).reserving(
+            &tls::serving_dns_names(&config.server.server_dns_names),
+        )));
     }
     if config.authn.insecure_trust_csr_identity {
         warn!(

@@ -31,6 +31,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_TOKEN_AUDIENCES: &str = "istio-ca";
 pub const DEFAULT_KUBE_API_TIMEOUT: &str = "5s";
+pub const DEFAULT_TOKEN_REVIEW_CACHE_TTL: &str = "60s";
 
 /// Flags of `plugca serve`. Each can also be set from the environment variable shown.
 #[derive(Debug, Clone, Args)]
@@ -209,6 +210,25 @@ pub struct ServeArgs {
     /// Connection, stream, request and age limits of the listeners.
     #[command(flatten)]
     pub net: crate::limits::NetArgs,
+    // Authentication and reload hardening (issue #12 items 5-8, 10; #9 item 5).
+    /// Other trust domains (comma-separated) the CA may issue SPIFFE identities
+    /// in besides --trust-domain, like istiod's meshConfig trustDomainAliases.
+    /// Identities in any other trust domain are refused, whoever asks.
+    #[arg(long, env = flag::TRUST_DOMAIN_ALIASES.env, value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
+
+    /// Allow kubeconfigs in --remote-kubeconfigs to run credential plugins
+    /// (users[].user.exec, auth-provider). Off: such a file stops the server at
+    /// start (istiod refuses them in remote secrets too), because the command
+    /// would run with plugca's privileges.
+    #[arg(long, env = "PLUGCA_ALLOW_REMOTE_KUBECONFIG_EXEC")]
+    pub allow_remote_kubeconfig_exec: bool,
+
+    /// Longest time a positive TokenReview is remembered (never past the
+    /// token's exp), so a revoked token (deleted pod) stops working by then.
+    /// 0s: review every request.
+    #[arg(long, env = flag::TOKEN_REVIEW_CACHE_TTL.env, default_value = DEFAULT_TOKEN_REVIEW_CACHE_TTL)]
+    pub token_review_cache_ttl: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -257,6 +277,8 @@ pub struct Config {
     /// The in-cluster controllers; each is off unless its flag is given.
     pub controllers: crate::controllers::ControllersConfig,
     pub net: crate::limits::NetConfig,
+    /// `--trust-domain-aliases`: where else SPIFFE identities may be issued.
+    pub trust_domain_aliases: Vec<TrustDomain>,
 }
 
 /// The listeners and the gRPC server around the handler.
@@ -438,6 +460,10 @@ mod flag {
         Flag::new("--trusted-gateway-cidrs", "TRUSTED_GATEWAY_CIDR");
     pub(super) const TRUSTED_NODE_ACCOUNTS: Flag =
         Flag::new("--trusted-node-accounts", "CA_TRUSTED_NODE_ACCOUNTS");
+    pub(super) const TRUST_DOMAIN_ALIASES: Flag =
+        Flag::new("--trust-domain-aliases", "PLUGCA_TRUST_DOMAIN_ALIASES");
+    pub(super) const TOKEN_REVIEW_CACHE_TTL: Flag =
+        Flag::new("--token-review-cache-ttl", "PLUGCA_TOKEN_REVIEW_CACHE_TTL");
 
     #[cfg(test)]
     pub(super) const ALL: &[Flag] = &[
@@ -460,6 +486,8 @@ mod flag {
         KUBE_API_TIMEOUT,
         TRUSTED_GATEWAY_CIDRS,
         TRUSTED_NODE_ACCOUNTS,
+        TRUST_DOMAIN_ALIASES,
+        TOKEN_REVIEW_CACHE_TTL,
     ];
 }
 
@@ -579,6 +607,16 @@ impl ServeArgs {
             log_format: self.log_format,
             controllers,
             net: self.net.into_config()?,
+            trust_domain_aliases: self
+                .trust_domain_aliases
+                .iter()
+                .map(|a| a.trim())
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    TrustDomain::parse(a)
+                        .map_err(|e| flag::TRUST_DOMAIN_ALIASES.invalid(a, e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -625,12 +663,16 @@ impl ServeArgs {
         if token_audiences.is_empty() {
             return Err(flag::TOKEN_AUDIENCES.invalid("", "at least one audience is needed"));
         }
+        let token_review_cache_ttl =
+            flag::TOKEN_REVIEW_CACHE_TTL.duration(&self.token_review_cache_ttl)?;
         Ok(Some(KubernetesConfig {
             local,
             cluster_id: self.cluster_id.clone(),
             remote_kubeconfigs: self.remote_kubeconfigs.clone(),
             token_audiences,
             api_timeout: flag::KUBE_API_TIMEOUT.positive_duration(&self.kube_api_timeout)?,
+            token_review_cache_ttl,
+            allow_remote_exec: self.allow_remote_kubeconfig_exec,
         }))
     }
 }
@@ -860,6 +902,57 @@ mod tests {
                 "istio-system/ztunnel"
             ])
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn trust_domain_aliases_are_validated_trust_domains() {
+        assert!(parse(&[]).unwrap().trust_domain_aliases.is_empty());
+        let c = parse(&["--trust-domain-aliases", "old.td, other@td"]).unwrap();
+        assert_eq!(
+            c.trust_domain_aliases
+                .iter()
+                .map(TrustDomain::as_str)
+                .collect::<Vec<_>>(),
+            ["old.td", "other.td"]
+        );
+        let e = parse(&["--trust-domain-aliases", "Bad/TD"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--trust-domain-aliases (env PLUGCA_TRUST_DOMAIN_ALIASES): \"Bad/TD\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_token_review_cache_lifetime_defaults_to_a_minute() {
+        let k = parse(&["--kubeconfig", "/k"])
+            .unwrap()
+            .authn
+            .kubernetes
+            .unwrap();
+        assert_eq!(k.token_review_cache_ttl, Duration::from_secs(60));
+        assert!(!k.allow_remote_exec);
+        let k = parse(&[
+            "--kubeconfig",
+            "/k",
+            "--token-review-cache-ttl",
+            "0s",
+            "--allow-remote-kubeconfig-exec",
+        ])
+        .unwrap()
+        .authn
+        .kubernetes
+        .unwrap();
+        assert_eq!(k.token_review_cache_ttl, Duration::ZERO);
+        assert!(k.allow_remote_exec);
+        let e = parse(&["--kubeconfig", "/k", "--token-review-cache-ttl", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--token-review-cache-ttl (env PLUGCA_TOKEN_REVIEW_CACHE_TTL)"),
+            "{e}"
         );
     }
 

@@ -239,6 +239,95 @@ impl fmt::Debug for SpiffeId {
     }
 }
 
+/// The trust domains certificates are issued in: `--trust-domain` plus the
+/// explicitly configured `--trust-domain-aliases` (istiod's meshConfig
+/// `trustDomainAliases`). Every issuance passes [`TrustDomains::check`], so
+/// no authenticator (client certificate, JWT, TokenReview, XFCC, lab mode) and
+/// no impersonation can put a foreign SPIFFE ID into a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustDomains {
+    primary: TrustDomain,
+    aliases: Vec<TrustDomain>,
+}
+
+/// A caller identity the CA will not issue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustDomainError {
+    #[error(
+        "identity {identity:?} is in trust domain {trust_domain:?}, not in {allowed} (--trust-domain, --trust-domain-aliases)"
+    )]
+    Foreign {
+        identity: String,
+        trust_domain: String,
+        allowed: String,
+    },
+    #[error("identity {identity:?} has a spiffe scheme but is not a valid SPIFFE ID: {reason}")]
+    Malformed {
+        identity: String,
+        reason: IdentityError,
+    },
+}
+
+impl TrustDomains {
+    pub fn new(primary: TrustDomain, aliases: Vec<TrustDomain>) -> Self {
+        let mut aliases: Vec<TrustDomain> = aliases.into_iter().filter(|a| *a != primary).collect();
+        aliases.dedup();
+        TrustDomains { primary, aliases }
+    }
+
+    pub fn primary(&self) -> &TrustDomain {
+        &self.primary
+    }
+
+    pub fn aliases(&self) -> &[TrustDomain] {
+        &self.aliases
+    }
+
+    pub fn contains(&self, trust_domain: &str) -> bool {
+        self.primary.as_str() == trust_domain
+            || self.aliases.iter().any(|a| a.as_str() == trust_domain)
+    }
+
+    /// Every SPIFFE identity must be in one of our trust domains. The scheme
+    /// is matched case-insensitively so `SPIFFE://evil/x` cannot slip through
+    /// as something else. IPs and DNS names have no trust domain.
+    pub fn check<I: fmt::Display>(&self, identities: &[I]) -> Result<(), TrustDomainError> {
+        for identity in identities {
+            let identity = identity.to_string();
+            let identity = identity.as_str();
+            let looks_spiffe = identity
+                .get(..SCHEME.len())
+                .is_some_and(|s| s.eq_ignore_ascii_case(SCHEME));
+            if !looks_spiffe {
+                continue;
+            }
+            let short = || identity.chars().take(256).collect::<String>();
+            let id = SpiffeId::parse(identity).map_err(|reason| TrustDomainError::Malformed {
+                identity: short(),
+                reason,
+            })?;
+            if !self.contains(id.trust_domain()) {
+                return Err(TrustDomainError::Foreign {
+                    identity: short(),
+                    trust_domain: id.trust_domain().to_string(),
+                    allowed: self.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for TrustDomains {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.primary.as_str())?;
+        for a in &self.aliases {
+            write!(f, ", {a}")?;
+        }
+        Ok(())
+    }
+}
+
 /// RFC 1123 label/subdomain rules as Kubernetes applies them to object names.
 fn check_k8s_name(name: &str, kind: &'static str, max: usize) -> Result<(), IdentityError> {
     let ok = !name.is_empty()
@@ -306,6 +395,66 @@ mod tests {
             SpiffeId::parse(&format!("spiffe://td/{}", "a".repeat(3000))),
             Err(IdentityError::TooLong)
         );
+    }
+
+    fn domains() -> TrustDomains {
+        TrustDomains::new(
+            TrustDomain::parse("cluster.local").unwrap(),
+            vec![TrustDomain::parse("old.td").unwrap()],
+        )
+    }
+
+    #[test]
+    fn identities_in_the_trust_domain_or_an_alias_are_issued() {
+        let ids = [
+            "spiffe://cluster.local/ns/a/sa/b",
+            "spiffe://old.td/ns/a/sa/b",
+            "a.example.com",
+            "10.0.0.1",
+        ]
+        .map(String::from);
+        assert_eq!(domains().check(&ids), Ok(()));
+        assert_eq!(domains().to_string(), "cluster.local, old.td");
+    }
+
+    #[test]
+    fn identities_outside_the_trust_domains_are_refused_by_name() {
+        assert_eq!(
+            domains().check(&["spiffe://evil.example/ns/default/sa/x"]),
+            Err(TrustDomainError::Foreign {
+                identity: "spiffe://evil.example/ns/default/sa/x".into(),
+                trust_domain: "evil.example".into(),
+                allowed: "cluster.local, old.td".into(),
+            })
+        );
+        assert_eq!(
+            domains()
+                .check(&["spiffe://evil.example/ns/default/sa/x"])
+                .unwrap_err()
+                .to_string(),
+            "identity \"spiffe://evil.example/ns/default/sa/x\" is in trust domain \"evil.example\", not in cluster.local, old.td (--trust-domain, --trust-domain-aliases)"
+        );
+        // A foreign identity anywhere in the list refuses the whole request.
+        assert!(matches!(
+            domains().check(&[
+                "spiffe://cluster.local/ns/a/sa/b".to_string(),
+                "spiffe://cluster.local.evil/ns/a/sa/b".to_string()
+            ]),
+            Err(TrustDomainError::Foreign { .. })
+        ));
+        for odd in [
+            "SPIFFE://evil/ns/a/sa/b",
+            "Spiffe://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local",
+        ] {
+            assert!(
+                matches!(
+                    domains().check(&[odd.to_string()]),
+                    Err(TrustDomainError::Malformed { .. })
+                ),
+                "{odd}"
+            );
+        }
     }
 
     #[test]

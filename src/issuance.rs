@@ -13,6 +13,8 @@ use crate::duration::format_go;
 
 /// NotBefore is back-dated by this much for clock skew (istiod's grace period).
 pub const CLOCK_SKEW_GRACE: Duration = Duration::from_secs(120);
+/// Short lifetimes are back-dated by at most this fraction of the lifetime.
+pub const MAX_BACKDATE_FRACTION: u32 = 4;
 
 /// TTL limits.
 #[derive(Debug, Clone, Copy)]
@@ -56,16 +58,33 @@ pub fn lifetime(requested_secs: i64, policy: &TtlPolicy) -> Result<Duration, Iss
     Ok(requested)
 }
 
-/// Validity window: NotBefore = now - 2 min; NotAfter = now + lifetime, never
-/// past the earliest NotAfter of the signing path.
+/// How far NotBefore lies before now: istiod's 2 minutes, but at most a
+/// quarter of the lifetime. istiod always back-dates 2 minutes, so for a TTL of
+/// 2 minutes or less the client's half-life renewal point lies in the past and
+/// it renews in a tight loop; for TTLs of 8 minutes and more this is istiod's value.
+pub fn backdate(lifetime: Duration) -> Duration {
+    CLOCK_SKEW_GRACE.min(lifetime / MAX_BACKDATE_FRACTION)
+}
+
+/// Validity window: NotBefore = now - [`backdate`]; NotAfter = now + lifetime,
+/// never past the earliest NotAfter of the signing path.
 pub fn validity(
     now: OffsetDateTime,
     lifetime: Duration,
     limit: OffsetDateTime,
 ) -> (OffsetDateTime, OffsetDateTime) {
+    validity_backdated(now, lifetime, limit, backdate(lifetime))
+}
+
+fn validity_backdated(
+    now: OffsetDateTime,
+    lifetime: Duration,
+    limit: OffsetDateTime,
+    backdate: Duration,
+) -> (OffsetDateTime, OffsetDateTime) {
     // Certificates carry whole seconds; truncate so NotAfter - NotBefore is exact.
     let now = now.replace_nanosecond(0).unwrap_or(now);
-    let not_before = now - CLOCK_SKEW_GRACE;
+    let not_before = now - Duration::from_secs(backdate.as_secs());
     let wanted = now.checked_add(time::Duration::try_from(lifetime).unwrap_or(time::Duration::MAX));
     let not_after = match wanted {
         Some(t) if t < limit => t,
@@ -117,7 +136,14 @@ pub fn issue(
             at: signing_not_after,
         });
     }
-    let (mut not_before, mut not_after) = validity(now, lifetime, bundle.not_after_limit());
+    // A `ttl:` fault shapes the leaf as istiod would (2-minute back-dating
+    // whatever the lifetime): harnesses use it to reproduce istiod's edge cases.
+    let back = match overrides.lifetime {
+        Some(_) => CLOCK_SKEW_GRACE,
+        None => backdate(lifetime),
+    };
+    let (mut not_before, mut not_after) =
+        validity_backdated(now, lifetime, bundle.not_after_limit(), back);
     let hour = time::Duration::hours(1);
     if overrides.expired {
         (not_before, not_after) = (not_before - hour * 2, now - hour);
@@ -202,6 +228,56 @@ mod tests {
         let limit = now + time::Duration::hours(1);
         let (_, na) = validity(now, HOUR * 2, limit);
         assert_eq!(na, limit);
+    }
+
+    #[test]
+    fn short_lifetimes_are_backdated_a_quarter_and_long_ones_two_minutes() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let far = now + time::Duration::days(365);
+        for (ttl, back) in [
+            (60, 15),
+            (120, 30),
+            (400, 100),
+            (480, 120),
+            (481, 120),
+            (86_400, 120),
+        ] {
+            let (nb, na) = validity(now, Duration::from_secs(ttl), far);
+            assert_eq!((now - nb).whole_seconds(), back, "ttl {ttl}");
+            assert_eq!((na - now).whole_seconds(), ttl as i64, "ttl {ttl}");
+        }
+    }
+
+    /// Property: for every lifetime the half-life renewal point (what
+    /// istio-agent and ztunnel use) lies in the future, NotAfter is exactly
+    /// now + lifetime (or the CA's limit), and from 8 minutes on the window
+    /// is istiod's (lifetime + 2 min).
+    #[test]
+    fn the_renewal_point_of_every_lifetime_is_in_the_future() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let far = now + time::Duration::days(3650);
+        let ttls = (1..=1_000u64)
+            .chain((1_000..=200_000).step_by(997))
+            .chain([2160 * 3600]);
+        for ttl in ttls {
+            let (nb, na) = validity(now, Duration::from_secs(ttl), far);
+            let window = na - nb;
+            assert!(
+                nb + window / 2 > now,
+                "ttl {ttl}: renewal point not in the future"
+            );
+            assert!(nb <= now, "ttl {ttl}");
+            assert_eq!((na - now).whole_seconds(), ttl as i64, "ttl {ttl}");
+            if ttl >= 480 {
+                assert_eq!(window.whole_seconds(), ttl as i64 + 120, "ttl {ttl}");
+            }
+            let limit = now + time::Duration::seconds(ttl as i64 / 2);
+            assert_eq!(
+                validity(now, Duration::from_secs(ttl), limit).1,
+                limit,
+                "clamped"
+            );
+        }
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct KubernetesConfig {
     /// Longest wait for one API call (TokenReview) before the request fails
     /// with UNAVAILABLE.
     pub api_timeout: Duration,
+    /// Longest a positive TokenReview is remembered (never past the token's exp).
+    pub token_review_cache_ttl: Duration,
+    /// Remote kubeconfigs may run credential plugins (`exec`, `auth-provider`).
+    pub allow_remote_exec: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,32 @@ pub enum KubeSetupError {
         "--remote-kubeconfigs {file}: cluster id {id:?} is the local cluster's id (--cluster-id); remote clusters need other ids"
     )]
     RemoteIsLocal { file: PathBuf, id: String },
+    #[error(
+        "--remote-kubeconfigs {file}: user {user:?} has a credential plugin ({kind}), which would run a command with plugca's privileges; use a token or client certificate, or pass --allow-remote-kubeconfig-exec if the file is trusted"
+    )]
+    RemoteCredentialPlugin {
+        file: PathBuf,
+        user: String,
+        kind: CredentialPlugin,
+    },
+}
+
+/// A kubeconfig mechanism that runs code to get credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialPlugin {
+    /// `users[].user.exec`: runs a command.
+    Exec,
+    /// `users[].user.auth-provider`: e.g. gcp, oidc (may run `cmd-path`).
+    AuthProvider,
+}
+
+impl fmt::Display for CredentialPlugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CredentialPlugin::Exec => "users[].user.exec",
+            CredentialPlugin::AuthProvider => "users[].user.auth-provider",
+        })
+    }
 }
 
 /// A cluster id a request claimed that no client exists for.
@@ -100,7 +130,8 @@ impl Clusters {
                 if id == config.cluster_id {
                     return Err(KubeSetupError::RemoteIsLocal { file, id });
                 }
-                let c = from_kubeconfig(&file)
+                let c = remote_kubeconfig(&file, config.allow_remote_exec)?;
+                let c = from_parsed_kubeconfig(c)
                     .await
                     .and_then(|c| client(c, config.api_timeout))
                     .map_err(|reason| KubeSetupError::Remote {
@@ -158,6 +189,42 @@ impl Clusters {
 
 async fn from_kubeconfig(path: &Path) -> Result<kube::Config, String> {
     let kubeconfig = Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
+    from_parsed_kubeconfig(kubeconfig).await
+}
+
+/// Reads a remote cluster's kubeconfig and, unless `allow_exec`, refuses
+/// every user entry with a credential plugin, before anything could run it
+/// (istiod refuses them in remote secrets for the same reason: whoever can
+/// write the Secret would run commands in the control plane). All users are
+/// checked, not only the current context's.
+pub fn remote_kubeconfig(path: &Path, allow_exec: bool) -> Result<Kubeconfig, KubeSetupError> {
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| KubeSetupError::Remote {
+        file: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if !allow_exec {
+        for user in &kubeconfig.auth_infos {
+            let Some(info) = &user.auth_info else {
+                continue;
+            };
+            let kind = if info.exec.is_some() {
+                CredentialPlugin::Exec
+            } else if info.auth_provider.is_some() {
+                CredentialPlugin::AuthProvider
+            } else {
+                continue;
+            };
+            return Err(KubeSetupError::RemoteCredentialPlugin {
+                file: path.to_path_buf(),
+                user: user.name.chars().take(128).collect(),
+                kind,
+            });
+        }
+    }
+    Ok(kubeconfig)
+}
+
+async fn from_parsed_kubeconfig(kubeconfig: Kubeconfig) -> Result<kube::Config, String> {
     kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|e| e.to_string())
@@ -216,5 +283,61 @@ mod tests {
             remote_files(&dir.path().join("missing")),
             Err(KubeSetupError::RemoteDir { .. })
         ));
+    }
+
+    const PLUGIN_KUBECONFIG: &str = "apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster:
+    server: https://127.0.0.1:1
+contexts:
+- name: c
+  context: {cluster: c, user: plain}
+current-context: c
+users:
+- name: plain
+  user:
+    token: t
+- name: sneaky
+  user:
+";
+
+    #[test]
+    fn remote_kubeconfigs_with_credential_plugins_are_refused_naming_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        for (user, kind) in [
+            (
+                "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/true\n",
+                CredentialPlugin::Exec,
+            ),
+            (
+                "    auth-provider:\n      name: gcp\n      config: {cmd-path: /bin/true}\n",
+                CredentialPlugin::AuthProvider,
+            ),
+        ] {
+            let file = dir.path().join("remote");
+            std::fs::write(&file, format!("{PLUGIN_KUBECONFIG}{user}")).unwrap();
+            let e = remote_kubeconfig(&file, false).unwrap_err();
+            assert!(
+                matches!(&e, KubeSetupError::RemoteCredentialPlugin { user, kind: k, .. } if user == "sneaky" && *k == kind),
+                "{e}"
+            );
+            assert!(e.to_string().starts_with(&format!(
+                "--remote-kubeconfigs {}: user \"sneaky\" has a credential plugin ({kind})",
+                file.display()
+            )));
+            assert!(
+                remote_kubeconfig(&file, true).is_ok(),
+                "allowed by the flag"
+            );
+        }
+        let file = dir.path().join("plain");
+        std::fs::write(
+            &file,
+            PLUGIN_KUBECONFIG.trim_end_matches("- name: sneaky\n  user:\n"),
+        )
+        .unwrap();
+        assert!(remote_kubeconfig(&file, false).is_ok());
     }
 }

@@ -119,6 +119,61 @@ pub struct CaCertLabels {
     pub cert: CaCertKind,
 }
 
+// Authentication and reload hardening (issue #12 items 5, 10).
+/// What happened to a bearer token the Kubernetes authenticator saw.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TokenReviewResult {
+    /// A TokenReview was sent.
+    reviewed,
+    /// Answered from the positive cache.
+    cached,
+    /// Answered from the short cache of definite refusals.
+    cached_refusal,
+    /// No review slot in time: UNAVAILABLE.
+    shed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenReviewLabels {
+    pub result: TokenReviewResult,
+}
+
+/// Metrics of the hardening items, registered by [`Metrics::new`].
+#[derive(Debug, Default)]
+pub struct HardeningMetrics {
+    pub token_reviews: Family<TokenReviewLabels, prometheus_client::metrics::counter::Counter>,
+    pub reload_last_success: Gauge<f64, AtomicU64>,
+    pub reload_last_attempt: Gauge<f64, AtomicU64>,
+    /// 1 while a bundle read has not returned within its deadline.
+    pub reload_stuck: Gauge,
+}
+
+impl HardeningMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "plugca_token_reviews",
+            "Bearer tokens seen by the Kubernetes authenticator: reviewed, answered from a cache, or shed (UNAVAILABLE)",
+            self.token_reviews.clone(),
+        );
+        registry.register(
+            "plugca_ca_reload_last_success_timestamp_seconds",
+            "Unix time of the last reload attempt that completed (bundle swapped or unchanged)",
+            self.reload_last_success.clone(),
+        );
+        registry.register(
+            "plugca_ca_reload_last_attempt_timestamp_seconds",
+            "Unix time of the last reload attempt, whatever its result",
+            self.reload_last_attempt.clone(),
+        );
+        registry.register(
+            "plugca_ca_reload_stuck",
+            "1 while reading the cacerts directory has not returned within its deadline",
+            self.reload_stuck.clone(),
+        );
+    }
+}
+
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -141,6 +196,7 @@ pub struct Metrics {
     pub controllers: std::sync::Arc<crate::controllers::ControllerMetrics>,
     /// Connections, streams and refusals of the listeners.
     pub net: crate::net::NetMetrics,
+    pub hardening: HardeningMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -180,10 +236,12 @@ impl Metrics {
             expiring: Family::default(),
             controllers: Default::default(),
             net: crate::net::NetMetrics::default(),
+            hardening: HardeningMetrics::default(),
             registry: Registry::default(),
         };
         m.controllers.register(&mut registry);
         m.net.register(&mut registry);
+        m.hardening.register(&mut registry);
         registry.register(
             "citadel_server_csr_count",
             "The number of CSRs received by Citadel server",

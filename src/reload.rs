@@ -4,6 +4,7 @@
 //! certificate whole. A refused bundle leaves the old one serving.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::ca::Current;
-use crate::ca::bundle::{BundleError, CaBundle, Layout};
+use crate::ca::bundle::{BundleError, BundleFiles, CaBundle, Layout};
 use crate::ca::rotation::RootChange;
 use crate::ca::selfsigned::{self, SelfSignedError, SelfSignedSpec};
 use crate::metrics::{CaCertKind, CaCertLabels, Metrics, ReloadLabels, ReloadResult};
@@ -21,6 +22,10 @@ use crate::tls::{self, TlsError};
 
 /// Events closer together than this are handled as one reload.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Longest wait for reading the cacerts directory (a hung mount): the read
+/// runs on its own thread, and past this the reload fails instead of holding
+/// the reload lock forever.
+pub const READ_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -34,6 +39,14 @@ pub enum ReloadError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     SelfSigned(#[from] SelfSignedError),
+    #[error(
+        "{dir}: reading the CA bundle files did not finish within {after:?} (hung mount?); the previous CA keeps serving"
+    )]
+    ReadStuck { dir: String, after: Duration },
+    #[error(
+        "{dir}: an earlier read of the CA bundle files is still blocked; not starting another until it returns"
+    )]
+    StillStuck { dir: String },
 }
 
 /// What a reload did.
@@ -77,6 +90,8 @@ pub struct Reloader {
     lock: Mutex<()>,
     /// Bumped after every successful swap (the in-cluster controllers rewrite on it).
     generation: watch::Sender<u64>,
+    /// A bundle read that passed its deadline and has not returned yet.
+    read_stuck: Arc<AtomicBool>,
 }
 
 impl Reloader {
@@ -107,6 +122,7 @@ impl Reloader {
             expiry_warning,
             lock: Mutex::new(()),
             generation: watch::Sender::new(0),
+            read_stuck: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -144,7 +160,8 @@ impl Reloader {
     pub fn reload(&self, now: OffsetDateTime) -> Result<ReloadOutcome, ReloadError> {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.ca.current();
-        let loaded = match CaBundle::load_dir(&self.dir, now)? {
+        let files = self.read_files()?;
+        let loaded = match files.map(|f| CaBundle::from_files(f, now)).transpose()? {
             Some(b) => with_extra_roots(b, self.extra_trust_roots.as_deref())?,
             None => {
                 if current
@@ -179,6 +196,28 @@ impl Reloader {
             roots,
             from_self_signed,
         })
+    }
+
+    /// Reads the bundle files off-thread within [`READ_DEADLINE`]; at most
+    /// one stuck read thread exists at a time.
+    fn read_files(&self) -> Result<Option<BundleFiles>, ReloadError> {
+        let dir = self.dir.clone();
+        let shown = || self.dir.display().to_string();
+        let result = with_deadline(&self.read_stuck, READ_DEADLINE, move || {
+            crate::ca::bundle::read_files(&dir)
+        });
+        self.metrics
+            .hardening
+            .reload_stuck
+            .set(i64::from(self.read_stuck.load(Ordering::Acquire)));
+        match result {
+            Deadline::Done(r) => Ok(r?),
+            Deadline::TimedOut => Err(ReloadError::ReadStuck {
+                dir: shown(),
+                after: READ_DEADLINE,
+            }),
+            Deadline::Busy => Err(ReloadError::StillStuck { dir: shown() }),
+        }
     }
 
     /// Renews the self-signed root when it enters its last 20 % of life.
@@ -261,6 +300,11 @@ impl Reloader {
     }
 
     fn record(&self, result: &Result<ReloadOutcome, ReloadError>, trigger: &str) {
+        let unix_now = OffsetDateTime::now_utc().unix_timestamp() as f64;
+        self.metrics.hardening.reload_last_attempt.set(unix_now);
+        if result.is_ok() {
+            self.metrics.hardening.reload_last_success.set(unix_now);
+        }
         match result {
             Ok(ReloadOutcome::Swapped {
                 roots,
@@ -366,6 +410,56 @@ fn with_extra_roots(
     Ok(bundle.with_extra_trust_roots(&file.display().to_string(), &text)?)
 }
 
+/// What [`with_deadline`] got.
+#[derive(Debug, PartialEq, Eq)]
+enum Deadline<T> {
+    Done(T),
+    /// `f` did not return in time; it keeps running and `stuck` stays set
+    /// until it does.
+    TimedOut,
+    /// An earlier call is still stuck: `f` was not started.
+    Busy,
+}
+
+/// Runs `f` on its own thread and waits at most `deadline`. A blocked system
+/// call cannot be cancelled, so a timed-out thread is left to finish; `stuck`
+/// bounds them to one.
+fn with_deadline<T: Send + 'static>(
+    stuck: &Arc<AtomicBool>,
+    deadline: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Deadline<T> {
+    if stuck.load(Ordering::Acquire) {
+        return Deadline::Busy;
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let flag = stuck.clone();
+    let spawned = std::thread::Builder::new()
+        .name("plugca-bundle-read".into())
+        .spawn(move || {
+            let out = f();
+            flag.store(false, Ordering::Release);
+            let _ = tx.send(out);
+        });
+    if spawned.is_err() {
+        return Deadline::Busy;
+    }
+    match rx.recv_timeout(deadline) {
+        Ok(out) => Deadline::Done(out),
+        Err(_) => {
+            stuck.store(true, Ordering::Release);
+            // It may have finished between the timeout and the store.
+            match rx.try_recv() {
+                Ok(out) => {
+                    stuck.store(false, Ordering::Release);
+                    Deadline::Done(out)
+                }
+                Err(_) => Deadline::TimedOut,
+            }
+        }
+    }
+}
+
 /// Watches `dir` (not recursively: Kubernetes swaps the `..data` symlink in it).
 fn watch_dir(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
@@ -389,4 +483,41 @@ fn watch_dir(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Option<notify::Reco
         return None;
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_past_its_deadline_is_reported_and_no_second_one_starts() {
+        let stuck = Arc::new(AtomicBool::new(false));
+        assert_eq!(
+            with_deadline(&stuck, Duration::from_secs(5), || 7),
+            Deadline::Done(7)
+        );
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let blocked = with_deadline(&stuck, Duration::from_millis(50), move || {
+            let _ = wait.recv();
+        });
+        assert_eq!(blocked, Deadline::TimedOut);
+        assert!(stuck.load(Ordering::Acquire));
+        assert_eq!(
+            with_deadline(&stuck, Duration::from_secs(5), || 1),
+            Deadline::Busy,
+            "no second thread while one is stuck"
+        );
+        release.send(()).unwrap();
+        for _ in 0..500 {
+            if !stuck.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            with_deadline(&stuck, Duration::from_secs(5), || 2),
+            Deadline::Done(2),
+            "reads start again once the stuck one returned"
+        );
+    }
 }

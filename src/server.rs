@@ -21,7 +21,7 @@ use tracing::info;
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, Claimant, RequestContext};
 use crate::ca::{CaBundle, Current};
 use crate::csr::VerifiedCsr;
-use crate::identity::TrustDomain;
+use crate::identity::{TrustDomain, TrustDomains};
 use crate::impersonation::Impersonation;
 use crate::issuance::{self, Issued, LeafOverrides, TtlPolicy};
 use crate::metrics::{IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels};
@@ -46,6 +46,8 @@ pub struct ServiceConfig {
     pub ttl: TtlPolicy,
     pub max_concurrent_signs: usize,
     pub sign_queue_timeout: Duration,
+    /// Where SPIFFE identities may be issued; checked for every caller.
+    pub trust_domains: TrustDomains,
 }
 
 #[derive(Clone)]
@@ -271,6 +273,7 @@ impl CertificateService {
         let csr_text = body.csr.clone();
         let requested_ttl = body.validity_duration;
         let policy = self.inner.config.ttl;
+        let trust_domains = self.inner.config.trust_domains.clone();
         let ca_key_id = bundle.signer().key_id_hex().to_string();
         // For a worker that panicked: what was known before it started.
         let (seen, seen_key) = (claimant.caller().cloned(), ca_key_id.clone());
@@ -282,6 +285,11 @@ impl CertificateService {
             let caller = claimant
                 .resolve(&csr)
                 .map_err(|e| ServiceError::LabModeIdentity(e).known(None, known))?;
+            // The one trust-domain check every authenticator, impersonation
+            // and lab mode pass: nothing else may reach the signer.
+            trust_domains
+                .check(caller.identities())
+                .map_err(|e| ServiceError::OutsideTrustDomain(e).known(Some(&caller), known))?;
             let now = OffsetDateTime::now_utc();
             match issuance::issue(
                 &bundle,

@@ -624,3 +624,44 @@ async fn without_trusted_node_accounts_kubernetes_callers_cannot_impersonate() {
     );
     server.stop().await;
 }
+
+/// Issue #12 item 7: a trusted ztunnel whose policy allows the target's
+/// namespace still cannot get an identity of another trust domain; an
+/// explicitly configured alias is allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_ztunnel_cannot_impersonate_an_identity_outside_the_trust_domain() {
+    let logs = logs();
+    let keys = JwtKeys::new();
+    let policy = r#"[{"caller": "istio-system/ztunnel", "may_impersonate": ["default/*"]}]"#;
+    let evil = "spiffe://evil.example/ns/default/sa/x";
+    let (server, _dir) = policy_server(&keys, policy, &[]).await;
+    let mut client = server.client().await;
+    let (csr_pem, opts) = ztunnel_request(token_for(&keys, ZTUNNEL_SUB), evil, None);
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err(),
+        (
+            Code::Unauthenticated,
+            "request authenticate failure".to_string()
+        )
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "identity \"spiffe://evil.example/ns/default/sa/x\" is in trust domain \"evil.example\", not in cluster.local",
+    ]);
+    assert_eq!(authn_failures(&server).await, 1);
+    assert!(
+        metric(&server, "citadel_server_success_cert_issuance_count")
+            .await
+            .as_deref()
+            == Some("0")
+    );
+    server.stop().await;
+
+    let (server, _dir) =
+        policy_server(&keys, policy, &["--trust-domain-aliases", "evil.example"]).await;
+    let mut client = server.client().await;
+    let (csr_pem, opts) = ztunnel_request(token_for(&keys, ZTUNNEL_SUB), evil, None);
+    let chain = request(&mut client, csr_pem, &opts).await.unwrap();
+    assert_eq!(leaf_facts(&chain[0]).uris, [evil]);
+    server.stop().await;
+}

@@ -465,3 +465,243 @@ async fn a_bad_kubeconfig_stops_the_server_at_start_naming_the_file() {
         "{e}"
     );
 }
+
+/// Issue #12 item 8: a remote kubeconfig whose user runs a command (exec
+/// credential plugin) stops the server at start, naming the file and the
+/// user, and the command never runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_kubeconfig_that_would_run_a_command_is_refused_without_running_it() {
+    let fake = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = fake.write_kubeconfig(&dir.path().join("local"));
+    let remotes = dir.path().join("remotes");
+    std::fs::create_dir(&remotes).unwrap();
+    let marker = dir.path().join("exec-ran");
+    let remote = remotes.join("east");
+    std::fs::write(
+        &remote,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: east
+  cluster:
+    server: https://{addr}
+    insecure-skip-tls-verify: true
+contexts:
+- name: east
+  context: {{cluster: east, user: pwn}}
+current-context: east
+users:
+- name: pwn
+  user:
+    exec:
+      apiVersion: client.authentication.k8s.io/v1
+      command: /bin/sh
+      args: [\"-c\", \"touch {marker} && echo '{{\\\"apiVersion\\\":\\\"client.authentication.k8s.io/v1\\\",\\\"kind\\\":\\\"ExecCredential\\\",\\\"status\\\":{{\\\"token\\\":\\\"x\\\"}}}}'\"]
+      interactiveMode: Never
+",
+            addr = fake.addr,
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
+    let cli = <plugca::cli::Cli as clap::Parser>::try_parse_from([
+        "plugca",
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--monitoring-addr",
+        "127.0.0.1:0",
+        "--cacerts-dir",
+        CERTS,
+        "--kubeconfig",
+        local.to_str().unwrap(),
+        "--remote-kubeconfigs",
+        remotes.to_str().unwrap(),
+    ])
+    .unwrap();
+    let plugca::cli::Command::Serve(serve) = cli.command else {
+        unreachable!()
+    };
+    let config = serve.into_config().unwrap();
+    let e = match tokio::time::timeout(Duration::from_secs(30), plugca::app::spawn(&config))
+        .await
+        .expect("start-up is bounded")
+    {
+        Ok(_) => panic!("started with a remote kubeconfig that runs a command"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        e,
+        format!(
+            "--remote-kubeconfigs {}: user \"pwn\" has a credential plugin (users[].user.exec), which would run a command with plugca's privileges; use a token or client certificate, or pass --allow-remote-kubeconfig-exec if the file is trusted",
+            remote.display()
+        )
+    );
+    assert!(!marker.exists(), "the exec command ran");
+}
+
+/// Issue #12 item 10: 400 requests with the same junk token (which the API
+/// server refuses with an error) cost a handful of TokenReviews, not 400,
+/// even when sent concurrently; later requests are answered from the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_junk_tokens_cost_a_handful_of_token_reviews() {
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &[]).await;
+    let client = server.client().await;
+    let csr_text = ztunnel_csr();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut client = client.clone();
+        let csr_text = csr_text.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for _ in 0..20 {
+                let e = request(
+                    &mut client,
+                    csr_text.clone(),
+                    &bearer("junk-token-x10".into()),
+                )
+                .await
+                .unwrap_err();
+                assert_eq!(e, authn_failure());
+                refused += 1;
+            }
+            refused
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        refused += tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("bounded")
+            .unwrap();
+    }
+    assert_eq!(refused, 400);
+    let reviews = fake.reviews();
+    assert!(reviews <= 3, "{reviews} TokenReviews for 400 junk requests");
+    assert!(
+        metric(
+            &server,
+            "plugca_token_reviews_total{result=\"cached_refusal\"}"
+        )
+        .await
+        .is_some_and(|v| v.parse::<u64>().unwrap() >= 397)
+    );
+    server.stop().await;
+}
+
+/// Issue #12 item 10: at most 32 reviews are in flight; requests beyond
+/// that wait briefly, then get UNAVAILABLE (retried by clients) and are counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn reviews_beyond_the_concurrency_cap_are_shed_with_unavailable() {
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &["--kube-api-timeout", "20s"]).await;
+    fake.slow_reviews(Some(Duration::from_secs(4)));
+    let client = server.client().await;
+    let csr_text = ztunnel_csr();
+    let mut tasks = Vec::new();
+    for n in 0..48 {
+        let mut client = client.clone();
+        let csr_text = csr_text.clone();
+        tasks.push(tokio::spawn(async move {
+            request(&mut client, csr_text, &bearer(format!("distinct-junk-{n}")))
+                .await
+                .unwrap_err()
+                .0
+        }));
+    }
+    let mut unavailable = 0;
+    for t in tasks {
+        let code = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("bounded")
+            .unwrap();
+        match code {
+            Code::Unavailable => unavailable += 1,
+            Code::Unauthenticated => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(unavailable >= 1, "nothing was shed");
+    assert_eq!(
+        fake.reviews() + unavailable,
+        48,
+        "each request reviewed or shed"
+    );
+    assert_eq!(
+        metric(&server, "plugca_token_reviews_total{result=\"shed\"}")
+            .await
+            .as_deref(),
+        Some(unavailable.to_string().as_str())
+    );
+    fake.slow_reviews(None);
+    server.stop().await;
+}
+
+/// Issue #9 item 5: a positive review is remembered at most
+/// --token-review-cache-ttl, so a token the API server stops vouching for
+/// (its pod was deleted) is refused once that time has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_token_is_refused_once_the_cache_lifetime_has_passed() {
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &["--token-review-cache-ttl", "1s"]).await;
+    let mut client = server.client().await;
+    let token = fake.sa_token("foo", "bar", None);
+    request(&mut client, ztunnel_csr(), &bearer(token.clone()))
+        .await
+        .unwrap();
+    request(&mut client, ztunnel_csr(), &bearer(token.clone()))
+        .await
+        .unwrap();
+    assert_eq!(fake.reviews(), 1, "cached within the lifetime");
+    // The pod is deleted: the API server no longer authenticates the token.
+    fake.register(&token, Review::NotAuthenticated);
+    let mut refused = false;
+    for _ in 0..100 {
+        if request(&mut client, ztunnel_csr(), &bearer(token.clone()))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the revoked token kept working for 10 s");
+    assert!(fake.reviews() >= 2);
+    server.stop().await;
+}
+
+/// Issue #9 item 5: a review whose echoed status.audiences names none of
+/// --token-audiences is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_review_for_other_audiences_is_refused() {
+    let logs = logs();
+    let fake = FakeApiServer::start().await;
+    let (server, _dir) = kube_server(&fake, &[]).await;
+    let mut client = server.client().await;
+    fake.register(
+        "other-audience-token",
+        Review::OtherAudience {
+            namespace: "foo".into(),
+            name: "bar".into(),
+        },
+    );
+    assert_eq!(
+        request(
+            &mut client,
+            ztunnel_csr(),
+            &bearer("other-audience-token".into())
+        )
+        .await
+        .unwrap_err(),
+        authn_failure()
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "the token is for audiences [kubernetes.default.svc], none of ours [istio-ca]",
+    ]);
+    server.stop().await;
+}

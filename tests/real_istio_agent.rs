@@ -507,7 +507,6 @@ async fn the_go_client_rotates_at_half_its_secret_ttl() {
 /// 1-minute certificate claims a 3-minute lifetime (clients that compute
 /// renewal from NotBefore, like ztunnel, then renew in a loop).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs issue 9 item 6 in src (backdate at most a fraction of the lifetime)"]
 async fn a_short_lived_certificate_is_backdated_by_at_most_a_quarter_of_its_lifetime() {
     let Some(p) = peers("istio-agent-client") else {
         return;

@@ -189,7 +189,6 @@ async fn tokens_for_another_audience_expired_or_of_a_deleted_pod_are_refused() {
 /// Issue 9 item 5: positive TokenReviews are cached until the token's exp,
 /// so a token used before its pod was deleted keeps working for hours.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs issue 9 item 5 in src (a cap on the TokenReview cache lifetime)"]
 async fn a_token_used_before_its_pod_was_deleted_is_refused_once_the_cache_cap_passed() {
     let Some(lab) = kube_lab::lab() else { return };
     let w = workload(lab, Cluster::Local, "revoked", "node-revoked");

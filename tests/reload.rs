@@ -435,3 +435,67 @@ async fn expiry_metrics_and_warnings_follow_the_loaded_bundle() {
     assert!(metric(&text, "citadel_server_cert_chain_expiry_seconds ").unwrap() > 86_400.0 * 200.0);
     server.stop().await;
 }
+
+/// Unblocks anything stuck reading the FIFO at `path` (the code before issue
+/// #12 item 5 blocked forever in open()), so a failing test cannot hang.
+struct FifoGuard(std::path::PathBuf);
+
+impl Drop for FifoGuard {
+    fn drop(&mut self) {
+        let path = self.0.clone();
+        // Opening for writing blocks until a reader exists; detached, so it
+        // never holds up the test when nobody is stuck.
+        std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(path)));
+    }
+}
+
+/// Issue #12 item 5: a named pipe in place of ca-cert.pem is refused with an
+/// error naming the file (it used to block the reload thread forever, holding
+/// the lock), the reload metrics say so, and a later good bundle is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_in_place_of_a_bundle_file_is_refused_and_a_later_good_bundle_is_served() {
+    let r = root("root");
+    let good = intermediate(&r, "good");
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("cacerts");
+    write_bundle(&dir, &good, &[&r]);
+    let server = Server::start(&[
+        "--cacerts-dir",
+        dir.to_str().unwrap(),
+        "--insecure-trust-csr-identity",
+    ])
+    .await;
+    let fifo = scratch.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let _guard = FifoGuard(fifo.clone());
+    std::fs::hard_link(&fifo, dir.join(".fifo")).unwrap();
+    std::fs::rename(dir.join(".fifo"), dir.join("ca-cert.pem")).unwrap();
+    let text = wait_for_metric(&server, "plugca_ca_reloads_total{result=\"failure\"}", 1.0).await;
+    assert!(
+        metric(&text, "plugca_ca_reload_last_attempt_timestamp_seconds").is_some_and(|v| v > 0.0)
+    );
+    let err = plugca::ca::CaBundle::load_dir(&dir, OffsetDateTime::now_utc()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: is a named pipe (FIFO), not a regular file (bundle files must be regular files)",
+            dir.join("ca-cert.pem").display()
+        )
+    );
+    webpki_verify(&issue_one(&server).await);
+    // A later good bundle (same root, new intermediate) is picked up.
+    let next = intermediate(&r, "next");
+    write_bundle(&dir, &next, &[&r]);
+    wait_for_signing(&server, &next).await;
+    let text = wait_for_metric(&server, "plugca_ca_reloads_total{result=\"success\"}", 1.0).await;
+    assert!(
+        metric(&text, "plugca_ca_reload_last_success_timestamp_seconds").is_some_and(|v| v > 0.0)
+    );
+    let chain = issue_one(&server).await;
+    assert_eq!(der_of(&chain[1])[0].as_ref(), next.cert_der.as_slice());
+    server.stop().await;
+}

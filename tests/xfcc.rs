@@ -30,6 +30,9 @@ async fn xfcc_server() -> Server {
         CERTS,
         "--trusted-gateway-cidrs",
         "172.17.0.0/16",
+        // Istio's example header names this trust domain.
+        "--trust-domain-aliases",
+        "mesh.example.com",
     ])
     .await
 }
@@ -147,5 +150,110 @@ async fn a_client_certificate_wins_over_forwarded_identities() {
         leaf_facts(&chain[0]).uris,
         ["spiffe://cluster.local/ns/gw/sa/client"]
     );
+    server.stop().await;
+}
+
+/// Issue #12 item 7: a trusted gateway cannot forward an identity of another
+/// trust domain than ours and its aliases.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_identity_outside_the_trust_domains_is_refused() {
+    let logs = logs();
+    let server = xfcc_server().await;
+    let mut client = server.client().await;
+    let evil = "URI=spiffe://evil.example/ns/default/sa/x";
+    assert_eq!(
+        send_raw(&mut client, body(), &[("x-forwarded-client-cert", evil)])
+            .await
+            .unwrap_err(),
+        (Code::Unauthenticated, "request authenticate failure".into())
+    );
+    logs.assert_line(&[
+        "CreateCertificate refused",
+        "identity \"spiffe://evil.example/ns/default/sa/x\" is in trust domain \"evil.example\", not in cluster.local, mesh.example.com",
+    ]);
+    server.stop().await;
+}
+
+/// Issue #12 item 6: wildcards other than a whole leftmost label, the CA's own
+/// serving names (defaults and --server-dns-names) and too many SANs are
+/// refused; repeated identities become one SAN.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_wildcards_and_the_cas_own_names_are_refused() {
+    let logs = logs();
+    let server = Server::start(&[
+        "--cacerts-dir",
+        CERTS,
+        "--trusted-gateway-cidrs",
+        "172.17.0.0/16",
+        "--server-dns-names",
+        "ca.plugca.example",
+    ])
+    .await;
+    let mut client = server.client().await;
+    let many: Vec<String> = (0..40).map(|n| format!("DNS=n{n}.example.com")).collect();
+    let many = many.join(";");
+    for (header, reason) in [
+        ("DNS=*", "XFCC identity \"*\" has a wildcard"),
+        ("DNS=*.*.com", "XFCC identity \"*.*.com\" has a wildcard"),
+        (
+            "DNS=a*b*c.example",
+            "XFCC identity \"a*b*c.example\" has a wildcard",
+        ),
+        ("DNS=*.com", "XFCC identity \"*.com\" has a wildcard"),
+        (
+            "DNS=istiod.istio-system.svc",
+            "XFCC identity \"istiod.istio-system.svc\" is (or covers) a serving name of this CA",
+        ),
+        (
+            "DNS=*.istio-system.svc",
+            "XFCC identity \"*.istio-system.svc\" is (or covers) a serving name of this CA",
+        ),
+        (
+            "DNS=ca.plugca.example",
+            "XFCC identity \"ca.plugca.example\" is (or covers) a serving name of this CA",
+        ),
+        (
+            many.as_str(),
+            "the XFCC header names 40 distinct identities, more than 16",
+        ),
+    ] {
+        assert_eq!(
+            send_raw(&mut client, body(), &[("x-forwarded-client-cert", header)])
+                .await
+                .unwrap_err(),
+            (Code::Unauthenticated, "request authenticate failure".into()),
+            "{header}"
+        );
+        logs.assert_line(&["CreateCertificate refused", reason]);
+    }
+    let chain = send_raw(
+        &mut client,
+        body(),
+        &[(
+            "x-forwarded-client-cert",
+            "DNS=*.apps.example.com;DNS=a.example.com;DNS=a.example.com,DNS=a.example.com",
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        leaf_facts(&chain[0]).dns,
+        ["*.apps.example.com", "a.example.com"]
+    );
+    server.stop().await;
+}
+
+/// Issue #12 item 6: a gateway range like 0.0.0.0/0 is accepted but warned about.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_very_broad_gateway_range_is_warned_about_at_start() {
+    let logs = logs();
+    let server = Server::start(&[
+        "--cacerts-dir",
+        CERTS,
+        "--trusted-gateway-cidrs",
+        "0.0.0.0/0",
+    ])
+    .await;
+    logs.assert_line(&["very broad range", "cidr=0.0.0.0/0"]);
     server.stop().await;
 }

@@ -5,12 +5,24 @@
 //! Accepted: `status.authenticated`, no `status.error`, group
 //! `system:serviceaccounts`, username `system:serviceaccount:<ns>:<sa>`.
 //! Identity `spiffe://<td>/ns/<ns>/sa/<sa>`; the pod name and UID of bound
-//! tokens are kept for node authorization. Positive reviews are cached until
-//! the token's `exp`; an API server that is down or slower than the timeout
-//! fails the request with UNAVAILABLE (clients retry), never UNAUTHENTICATED.
+//! tokens are kept for node authorization. When the API server echoes
+//! `status.audiences`, one of ours must be in it. Positive reviews are cached
+//! for at most `--token-review-cache-ttl` and never past the token's `exp`, so
+//! a revoked token (deleted pod) stops working within that time; an API server
+//! that is down or slower than the timeout fails the request with UNAVAILABLE
+//! (clients retry), never UNAUTHENTICATED.
+//!
+//! Junk tokens cannot be amplified into API-server load: a definite refusal
+//! (`status.error`) is remembered for [`NEGATIVE_CACHE_TTL`], identical tokens
+//! in flight share one review, and at most [`MAX_CONCURRENT_TOKEN_REVIEWS`]
+//! reviews run at once; a request that cannot get a slot within
+//! [`TOKEN_REVIEW_QUEUE_WAIT`] fails with UNAVAILABLE and is counted.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
@@ -22,7 +34,16 @@ use crate::authn::token_cache::{TokenCache, unverified_expiry};
 use crate::authn::{Authenticator, AuthnError, BoundPod, Caller, RequestContext, ServiceAccount};
 use crate::identity::{Identity, SpiffeId, TrustDomain};
 use crate::kubernetes::{Clusters, UnknownCluster};
-use crate::metrics::AuthnKind;
+use crate::metrics::{AuthnKind, Metrics, TokenReviewLabels, TokenReviewResult};
+
+/// How long a definite refusal of a token is remembered.
+pub const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Most refused tokens remembered.
+pub const NEGATIVE_CACHE_CAPACITY: usize = 4096;
+/// TokenReviews in flight at once, over all clusters.
+pub const MAX_CONCURRENT_TOKEN_REVIEWS: usize = 32;
+/// How long a request waits for a review slot before UNAVAILABLE.
+pub const TOKEN_REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(1);
 
 /// `status.user.extra` keys of bound service-account tokens.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -67,6 +88,18 @@ pub enum KubeJwtError {
         "the API server of cluster {cluster:?} did not answer the TokenReview within {after:?}"
     )]
     Timeout { cluster: String, after: Duration },
+    #[error(
+        "failed to validate the JWT from cluster {cluster:?}: the token is for audiences [{got}], none of ours [{want}]"
+    )]
+    Audience {
+        cluster: String,
+        got: String,
+        want: String,
+    },
+    #[error(
+        "too many TokenReviews in flight ({MAX_CONCURRENT_TOKEN_REVIEWS}); no slot for cluster {cluster:?} within {waited:?}"
+    )]
+    Busy { cluster: String, waited: Duration },
 }
 
 impl KubeJwtError {
@@ -74,8 +107,18 @@ impl KubeJwtError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            KubeJwtError::Unavailable { .. } | KubeJwtError::Timeout { .. }
+            KubeJwtError::Unavailable { .. }
+                | KubeJwtError::Timeout { .. }
+                | KubeJwtError::Busy { .. }
         )
+    }
+
+    /// A definite verdict on the token itself that cannot turn positive: the
+    /// API server could not verify it (bad signature, expired, deleted pod).
+    /// Only these are remembered; a bare `authenticated: false` is not, nor
+    /// anything transient.
+    fn is_cacheable_refusal(&self) -> bool {
+        matches!(self, KubeJwtError::ReviewError { .. })
     }
 }
 
@@ -86,6 +129,13 @@ pub struct KubeJwtAuthenticator {
     trust_domain: TrustDomain,
     timeout: Duration,
     cache: TokenCache<Caller>,
+    /// Longest a positive review is remembered (never past `exp`).
+    cache_ttl: Duration,
+    refused: TokenCache<KubeJwtError>,
+    slots: Arc<Semaphore>,
+    /// One lock per token being reviewed, so identical tokens share one review.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl KubeJwtAuthenticator {
@@ -101,7 +151,121 @@ impl KubeJwtAuthenticator {
             trust_domain,
             timeout,
             cache: TokenCache::default(),
+            cache_ttl: Duration::from_secs(60),
+            refused: TokenCache::with_capacity(NEGATIVE_CACHE_CAPACITY),
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_TOKEN_REVIEWS)),
+            in_flight: Mutex::new(HashMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Caps how long a positive review is remembered (`--token-review-cache-ttl`).
+    pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache_ttl = ttl;
+        self
+    }
+
+    /// Counts reviews, cache hits and shed requests.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, result: TokenReviewResult) {
+        if let Some(m) = &self.metrics {
+            m.hardening
+                .token_reviews
+                .get_or_create(&TokenReviewLabels { result })
+                .inc();
+        }
+    }
+
+    fn cached(&self, key: &[u8; 32], now: i64) -> Option<Result<Caller, KubeJwtError>> {
+        if let Some(caller) = self.cache.get(key, now) {
+            self.count(TokenReviewResult::cached);
+            return Some(Ok(caller));
+        }
+        if let Some(e) = self.refused.get(key, now) {
+            self.count(TokenReviewResult::cached_refusal);
+            return Some(Err(e));
+        }
+        None
+    }
+
+    fn gate(&self, key: [u8; 32]) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key).or_default().clone()
+    }
+
+    fn release_gate(&self, key: &[u8; 32], gate: Arc<tokio::sync::Mutex<()>>) {
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours and the map's: nobody else waits for this token.
+        if Arc::strong_count(&gate) == 2 {
+            map.remove(key);
+        }
+    }
+
+    /// The review of `token` by `cluster`, through the caches, the per-token
+    /// gate and the concurrency cap.
+    async fn authenticate_token(
+        &self,
+        cluster: &str,
+        client: &kube::Client,
+        token: &str,
+    ) -> Result<Caller, KubeJwtError> {
+        let key = TokenCache::<Caller>::key(cluster, token);
+        let now = || time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(result) = self.cached(&key, now()) {
+            return result;
+        }
+        let gate = self.gate(key);
+        let result = async {
+            let busy = |waited| KubeJwtError::Busy {
+                cluster: cluster.to_string(),
+                waited,
+            };
+            let _same_token = tokio::time::timeout(self.timeout, gate.lock())
+                .await
+                .map_err(|_| busy(self.timeout))?;
+            // Another request may have reviewed this token while we waited.
+            if let Some(result) = self.cached(&key, now()) {
+                return result;
+            }
+            let _slot = match tokio::time::timeout(
+                TOKEN_REVIEW_QUEUE_WAIT,
+                self.slots.clone().acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    self.count(TokenReviewResult::shed);
+                    return Err(busy(TOKEN_REVIEW_QUEUE_WAIT));
+                }
+            };
+            self.count(TokenReviewResult::reviewed);
+            let status = self.review(client, cluster, token).await?;
+            let checked = caller_from_review(&status, cluster, &self.trust_domain)
+                .and_then(|c| check_audiences(&status, &self.audiences, cluster).map(|()| c));
+            let now = now();
+            match &checked {
+                Ok(caller) => {
+                    let cap = now.saturating_add(self.cache_ttl.as_secs() as i64);
+                    if let Some(exp) = unverified_expiry(token) {
+                        self.cache.put(key, caller.clone(), exp.min(cap), now);
+                    }
+                }
+                Err(e) if e.is_cacheable_refusal() => {
+                    let until = now.saturating_add(NEGATIVE_CACHE_TTL.as_secs() as i64);
+                    self.refused.put(key, e.clone(), until, now);
+                }
+                Err(_) => {}
+            }
+            checked
+        }
+        .await;
+        self.release_gate(&key, gate);
+        result
     }
 
     #[instrument(skip_all, fields(cluster = %cluster))]
@@ -141,6 +305,31 @@ impl KubeJwtAuthenticator {
             }),
         }
     }
+}
+
+/// When the API server echoes `status.audiences` (the audiences it accepted
+/// the token for), one of ours must be among them.
+pub fn check_audiences(
+    status: &TokenReviewStatus,
+    ours: &[String],
+    cluster: &str,
+) -> Result<(), KubeJwtError> {
+    let Some(got) = &status.audiences else {
+        return Ok(());
+    };
+    if got.iter().any(|a| ours.contains(a)) {
+        return Ok(());
+    }
+    Err(KubeJwtError::Audience {
+        cluster: cluster.to_string(),
+        got: got
+            .iter()
+            .take(8)
+            .map(|a| a.chars().take(64).collect::<String>())
+            .collect::<Vec<_>>()
+            .join(", "),
+        want: ours.join(", "),
+    })
 }
 
 /// The caller a TokenReview result proves, with istiod's checks.
@@ -230,17 +419,7 @@ impl Authenticator for KubeJwtAuthenticator {
             .get("clusterid")
             .map(|v| v.to_str().unwrap_or("<not ASCII>"));
         let (cluster, client) = self.clusters.resolve(header).map_err(KubeJwtError::from)?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let key = TokenCache::<Caller>::key(cluster, token);
-        if let Some(caller) = self.cache.get(&key, now) {
-            return Ok(Some(caller));
-        }
-        let status = self.review(client, cluster, token).await?;
-        let caller = caller_from_review(&status, cluster, &self.trust_domain)?;
-        if let Some(exp) = unverified_expiry(token) {
-            self.cache.put(key, caller.clone(), exp, now);
-        }
-        Ok(Some(caller))
+        Ok(Some(self.authenticate_token(cluster, client, token).await?))
     }
 }
 
@@ -376,6 +555,69 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn an_echoed_audience_list_must_name_one_of_ours() {
+        let ours = ["istio-ca".to_string()];
+        let with = |a: Option<&[&str]>| TokenReviewStatus {
+            audiences: a.map(|a| a.iter().map(|s| s.to_string()).collect()),
+            ..status("system:serviceaccount:ns:sa", SA_GROUPS, &[])
+        };
+        assert_eq!(
+            check_audiences(&with(None), &ours, "c"),
+            Ok(()),
+            "not echoed"
+        );
+        assert_eq!(
+            check_audiences(&with(Some(&["other", "istio-ca"])), &ours, "c"),
+            Ok(())
+        );
+        let e = check_audiences(&with(Some(&["kubernetes.default.svc"])), &ours, "c").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "failed to validate the JWT from cluster \"c\": the token is for audiences [kubernetes.default.svc], none of ours [istio-ca]"
+        );
+        assert!(matches!(
+            check_audiences(&with(Some(&[])), &ours, "c"),
+            Err(KubeJwtError::Audience { .. })
+        ));
+    }
+
+    #[test]
+    fn only_definite_refusals_are_remembered() {
+        let c = || "c".to_string();
+        assert!(
+            KubeJwtError::ReviewError {
+                cluster: c(),
+                error: "invalid bearer token".into()
+            }
+            .is_cacheable_refusal()
+        );
+        for not in [
+            KubeJwtError::NotAuthenticated { cluster: c() },
+            KubeJwtError::Timeout {
+                cluster: c(),
+                after: Duration::from_secs(1),
+            },
+            KubeJwtError::Busy {
+                cluster: c(),
+                waited: Duration::from_secs(1),
+            },
+            KubeJwtError::Unavailable {
+                cluster: c(),
+                reason: "down".into(),
+            },
+        ] {
+            assert!(!not.is_cacheable_refusal(), "{not}");
+        }
+        assert!(
+            KubeJwtError::Busy {
+                cluster: c(),
+                waited: Duration::from_secs(1)
+            }
+            .is_transient()
+        );
     }
 
     #[test]

@@ -6,19 +6,32 @@
 //!
 //! Stricter than istiod: the header is bounded, malformed quoting or pairs are
 //! refused, and every identity must be a SPIFFE ID, an IP address or a DNS
-//! name (it becomes a SAN of the issued certificate).
+//! name (it becomes a SAN of the issued certificate). A DNS name may hold `*`
+//! only as its whole leftmost label above a registrable-looking domain
+//! (`*.example.com`, not `*`, `*.com`, `*.*.com` or `a*b.example`); the CA's
+//! own serving names (and wildcards covering them) are refused, so a gateway
+//! cannot obtain a certificate that impersonates the CA; identities are
+//! de-duplicated and at most [`MAX_XFCC_IDENTITIES`] become SANs. Trust
+//! domains of SPIFFE IDs are checked where every caller is (`TrustDomains`).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
+use tracing::warn;
+
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
-use crate::identity::Identity;
+use crate::identity::{Identity, SpiffeId};
 use crate::metrics::AuthnKind;
 
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
 /// Longest XFCC header value parsed.
 pub const MAX_XFCC_BYTES: usize = 16 * 1024;
+/// Most distinct identities (SANs) one forwarded request may give.
+pub const MAX_XFCC_IDENTITIES: usize = 16;
+/// First labels of istiod's Service names: `<name>.<namespace>.svc[...]` is
+/// the CA's own name in any namespace.
+const CA_SERVICE_NAMES: [&str; 3] = ["istiod", "istiod-remote", "istio-pilot"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum XfccError {
@@ -34,6 +47,14 @@ pub enum XfccError {
     NoIdentities,
     #[error("XFCC identity {0:?} is not a SPIFFE ID, IP address or DNS name")]
     BadIdentity(String),
+    #[error(
+        "XFCC identity {0:?} has a wildcard that is not the whole leftmost label of a name with at least two more labels"
+    )]
+    BadWildcard(String),
+    #[error("XFCC identity {0:?} is (or covers) a serving name of this CA")]
+    CaServingName(String),
+    #[error("the XFCC header names {count} distinct identities, more than {MAX_XFCC_IDENTITIES}")]
+    TooManyIdentities { count: usize },
 }
 
 /// An IPv4 or IPv6 network, `address/prefix`.
@@ -70,6 +91,15 @@ impl fmt::Display for Cidr {
 }
 
 impl Cidr {
+    /// Broader than a /8 (IPv4) or a /32 (IPv6), e.g. `0.0.0.0/0`: most of
+    /// the internet may then forward identities.
+    pub fn is_very_broad(&self) -> bool {
+        match self.network {
+            IpAddr::V4(_) => self.prefix < 8,
+            IpAddr::V6(_) => self.prefix < 32,
+        }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.network, canonical(ip)) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
@@ -166,6 +196,27 @@ pub fn identities(certs: &[ForwardedCert]) -> Vec<String> {
     ids
 }
 
+/// [`identities`], de-duplicated (first occurrence kept), capped, and each
+/// checked with the CA's serving names `reserved` (lower case).
+pub fn checked_identities(
+    certs: &[ForwardedCert],
+    reserved: &[String],
+) -> Result<Vec<String>, XfccError> {
+    let mut ids = identities(certs);
+    if ids.is_empty() {
+        return Err(XfccError::NoIdentities);
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    if ids.len() > MAX_XFCC_IDENTITIES {
+        return Err(XfccError::TooManyIdentities { count: ids.len() });
+    }
+    for id in &ids {
+        check_identity(id, reserved)?;
+    }
+    Ok(ids)
+}
+
 /// The CN of an RFC 4514-style subject (`CN=x,OU=y`), if any.
 fn common_name(subject: &str) -> Option<String> {
     let mut rdn = String::new();
@@ -250,14 +301,100 @@ fn unquote(v: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Checks one forwarded identity: SAN-shaped, wildcards only as
+/// `*.<at least two labels>`, not a serving name of the CA (`reserved`, lower case).
+fn check_identity(id: &str, reserved: &[String]) -> Result<(), XfccError> {
+    let short = || id.chars().take(256).collect::<String>();
+    if id.starts_with("spiffe://") || id.parse::<IpAddr>().is_ok() {
+        return if valid_identity(id) {
+            Ok(())
+        } else {
+            Err(XfccError::BadIdentity(short()))
+        };
+    }
+    let (wildcard, base) = match id.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, id),
+    };
+    if base.contains('*') || (wildcard && base.split('.').count() < 2) || id == "*" {
+        return Err(XfccError::BadWildcard(short()));
+    }
+    if !valid_identity(base) {
+        return Err(XfccError::BadIdentity(short()));
+    }
+    let name = base.trim_end_matches('.').to_ascii_lowercase();
+    let covers = |served: &str| {
+        if wildcard {
+            served
+                .split_once('.')
+                .is_some_and(|(_, parent)| parent == name)
+        } else {
+            served == name
+        }
+    };
+    let ca_service = |served: &str| {
+        let labels: Vec<&str> = served.split('.').collect();
+        labels.len() >= 3 && CA_SERVICE_NAMES.contains(&labels[0]) && labels[2] == "svc"
+    };
+    let is_ca_name = reserved.iter().any(|r| covers(r))
+        || if wildcard {
+            // `*.<ns>.svc` covers `istiod.<ns>.svc`.
+            ca_service(&format!("istiod.{name}"))
+        } else {
+            ca_service(&name)
+        };
+    if is_ca_name {
+        return Err(XfccError::CaServingName(short()));
+    }
+    Ok(())
+}
+
+/// A SPIFFE ID, an IP address or a DNS name: what may become a SAN (its
+/// wildcards are checked by [`check_identity`]).
+fn valid_identity(id: &str) -> bool {
+    if id.starts_with("spiffe://") {
+        return SpiffeId::parse(id).is_ok();
+    }
+    id.parse::<IpAddr>().is_ok()
+        || (id.len() <= 253
+            && id.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            }))
+}
+
 /// Takes the caller's identities from a trusted gateway's XFCC header.
 pub struct XfccAuthenticator {
     cidrs: Vec<Cidr>,
+    /// The CA's own serving DNS names, lower case: never issued through XFCC.
+    reserved: Vec<String>,
 }
 
 impl XfccAuthenticator {
+    /// Warns (once, at start) about very broad gateway ranges.
     pub fn new(cidrs: Vec<Cidr>) -> Self {
-        XfccAuthenticator { cidrs }
+        for c in cidrs.iter().filter(|c| c.is_very_broad()) {
+            warn!(cidr = %c, "--trusted-gateway-cidrs includes a very broad range: any peer in it may forward identities in x-forwarded-client-cert; list only the gateways' addresses");
+        }
+        XfccAuthenticator {
+            cidrs,
+            reserved: Vec::new(),
+        }
+    }
+
+    /// The CA's serving DNS names (`tls::serving_dns_names`), which a gateway
+    /// may not obtain certificates for.
+    pub fn reserving(mut self, serving_dns_names: &[String]) -> Self {
+        self.reserved = serving_dns_names
+            .iter()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        self
     }
 }
 
@@ -280,11 +417,7 @@ impl Authenticator for XfccAuthenticator {
             .into());
         }
         let header = value.to_str().map_err(|_| XfccError::NotAscii)?;
-        let ids = identities(&parse(header)?);
-        if ids.is_empty() {
-            return Err(XfccError::NoIdentities.into());
-        }
-        let ids = ids
+        let ids = checked_identities(&parse(header)?, &self.reserved)?
             .iter()
             .map(|id| {
                 Identity::parse(id)
@@ -464,6 +597,108 @@ mod tests {
             "",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn reserved() -> Vec<String> {
+        crate::tls::serving_dns_names(&["ca.Example.org".into()])
+            .iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect()
+    }
+
+    #[test]
+    fn a_wildcard_is_only_the_whole_leftmost_label_of_a_deep_enough_name() {
+        for ok in [
+            "*.example.com",
+            "*.a.b.example",
+            "a.example.com",
+            "10.0.0.1",
+        ] {
+            assert_eq!(check_identity(ok, &reserved()), Ok(()), "{ok}");
+        }
+        for bad in [
+            "*",
+            "*.com",
+            "*.*.com",
+            "a*b*c.example",
+            "a.*.example.com",
+            "*a.example.com",
+            "a*.example.com",
+            "**.example.com",
+            "*.",
+            "*.example.*",
+        ] {
+            assert_eq!(
+                check_identity(bad, &reserved()),
+                Err(XfccError::BadWildcard(bad.into())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cas_own_serving_names_and_wildcards_over_them_are_refused() {
+        for bad in [
+            "istiod.istio-system.svc",
+            "ISTIOD.istio-system.svc",
+            "*.istio-system.svc",
+            "istiod.other-ns.svc",
+            "istiod-remote.x.svc.cluster.local",
+            "*.other-ns.svc",
+            "localhost",
+            "ca.example.org",
+            "*.example.org",
+        ] {
+            assert_eq!(
+                check_identity(bad, &reserved()),
+                Err(XfccError::CaServingName(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(check_identity("istiod.example.com", &reserved()), Ok(()));
+        assert_eq!(check_identity("*.svc.example.com", &reserved()), Ok(()));
+    }
+
+    #[test]
+    fn identities_are_deduplicated_and_capped() {
+        let h = "URI=spiffe://td/ns/a/sa/b;DNS=a.example.com;DNS=a.example.com,URI=spiffe://td/ns/a/sa/b";
+        assert_eq!(
+            checked_identities(&parse(h).unwrap(), &[]).unwrap(),
+            ["spiffe://td/ns/a/sa/b", "a.example.com"]
+        );
+        let many: Vec<String> = (0..=MAX_XFCC_IDENTITIES)
+            .map(|n| format!("DNS=n{n}.example.com"))
+            .collect();
+        assert_eq!(
+            checked_identities(&parse(&many.join(";")).unwrap(), &[]),
+            Err(XfccError::TooManyIdentities {
+                count: MAX_XFCC_IDENTITIES + 1
+            })
+        );
+        let same = vec!["DNS=a.example.com"; 100].join(";");
+        assert_eq!(
+            checked_identities(&parse(&same).unwrap(), &[]).unwrap(),
+            ["a.example.com"]
+        );
+    }
+
+    #[test]
+    fn very_broad_gateway_ranges_are_recognised() {
+        for (cidr, broad) in [
+            ("0.0.0.0/0", true),
+            ("0.0.0.0/1", true),
+            ("10.0.0.0/8", false),
+            ("172.17.0.0/16", false),
+            ("::/0", true),
+            ("2000::/3", true),
+            ("2001:db8::/32", false),
+        ] {
+            assert_eq!(
+                cidr.parse::<Cidr>().unwrap().is_very_broad(),
+                broad,
+                "{cidr}"
+            );
         }
     }
 }

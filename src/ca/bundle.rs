@@ -61,6 +61,8 @@ pub enum BundleError {
     Read { file: PathBuf, reason: String },
     #[error("{file}: larger than {limit} bytes")]
     TooLarge { file: PathBuf, limit: u64 },
+    #[error("{file}: is a {kind}, not a regular file (bundle files must be regular files)")]
+    NotRegularFile { file: PathBuf, kind: &'static str },
     #[error("{file}: {error}")]
     Pem { file: PathBuf, error: PemError },
     #[error("{file}: no certificate found")]
@@ -560,13 +562,37 @@ impl ScannedDir {
     }
 }
 
-/// Reads a PEM file with a size bound, naming the file in every error.
+/// Reads a PEM file with a size bound, naming the file in every error. Only
+/// regular files are read (symlinks such as Kubernetes' `..data` ones are
+/// followed): a FIFO or device would block or never end. The file is opened
+/// non-blocking and checked again on the open descriptor, so one swapped in
+/// between the check and the open cannot block either.
 pub fn read_pem_file(path: &Path) -> Result<String, BundleError> {
     use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| BundleError::Read {
+    let read_err = |e: std::io::Error| BundleError::Read {
         file: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
+    };
+    let regular = |meta: &std::fs::Metadata| {
+        if meta.is_file() {
+            Ok(())
+        } else {
+            Err(BundleError::NotRegularFile {
+                file: path.to_path_buf(),
+                kind: file_kind(meta.file_type()),
+            })
+        }
+    };
+    regular(&std::fs::metadata(path).map_err(read_err)?)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(read_err)?;
+    regular(&file.metadata().map_err(read_err)?)?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -584,6 +610,28 @@ pub fn read_pem_file(path: &Path) -> Result<String, BundleError> {
         file: path.to_path_buf(),
         reason: "not UTF-8 text (is it DER instead of PEM?)".into(),
     })
+}
+
+/// What a non-regular file is, for [`BundleError::NotRegularFile`].
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if t.is_fifo() {
+            return "named pipe (FIFO)";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "device";
+        }
+    }
+    if t.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
 }
 
 /// Parses the certificates of a bundle file. An empty file is allowed only

@@ -8,6 +8,7 @@ use tonic::Status;
 use crate::authn::AuthnError;
 use crate::authn::trusted_csr::TrustedCsrError;
 use crate::csr::CsrError;
+use crate::identity::TrustDomainError;
 use crate::impersonation::ImpersonationError;
 use crate::issuance::IssueError;
 use crate::metrics::{Outcome, SignErrorType};
@@ -28,6 +29,8 @@ pub enum ServiceError {
     AuthnUnavailable(Vec<AuthnError>),
     LabModeIdentity(TrustedCsrError),
     Impersonation(ImpersonationError),
+    /// The (possibly impersonated) identity is outside our trust domains.
+    OutsideTrustDomain(TrustDomainError),
     CaNotReady,
     Csr(CsrError),
     Issue(IssueError),
@@ -65,7 +68,9 @@ impl ServiceError {
         };
         let signing = |e: &dyn std::fmt::Display| format!("CSR signing error ({e})");
         match self {
-            ServiceError::Unauthenticated(_) | ServiceError::LabModeIdentity(_) => class(
+            ServiceError::Unauthenticated(_)
+            | ServiceError::LabModeIdentity(_)
+            | ServiceError::OutsideTrustDomain(_) => class(
                 Status::unauthenticated(MSG_AUTHN_FAILURE),
                 O::unauthenticated,
                 None,
@@ -151,6 +156,7 @@ impl ServiceError {
             }
             ServiceError::LabModeIdentity(e) => e.to_string(),
             ServiceError::Impersonation(e) => e.to_string(),
+            ServiceError::OutsideTrustDomain(e) => e.to_string(),
             ServiceError::CaNotReady => "no CA bundle is loaded".into(),
             ServiceError::Csr(e) => e.to_string(),
             ServiceError::Issue(e) => e.to_string(),

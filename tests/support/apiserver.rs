@@ -47,6 +47,9 @@ pub enum Review {
     /// `authenticated: false` without an error (unregistered tokens get an
     /// `error`, as the API server gives for tokens it cannot verify).
     NotAuthenticated,
+    /// A service account token accepted for other audiences than requested
+    /// (`status.audiences` names only `kubernetes.default.svc`).
+    OtherAudience { namespace: String, name: String },
 }
 
 /// A pod as the fake stores it.
@@ -437,6 +440,12 @@ async fn token_review(State(s): State<Arc<Inner>>, headers: HeaderMap, body: Byt
             json!({"authenticated": true, "user": {"username": username, "groups": groups}, "audiences": audiences})
         }
         Some(Review::NotAuthenticated) => json!({"authenticated": false}),
+        Some(Review::OtherAudience { namespace, name }) => json!({
+            "authenticated": true,
+            "user": {"username": format!("system:serviceaccount:{namespace}:{name}"),
+                     "groups": ["system:serviceaccounts", "system:authenticated"]},
+            "audiences": ["kubernetes.default.svc"],
+        }),
         // What the API server says for a token it cannot verify.
         None => {
             json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"})

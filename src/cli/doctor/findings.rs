@@ -740,6 +740,20 @@ fn explain(e: &BundleError, ctx: &Context) -> Problem {
             };
             error("unreadable-file", Some(&name), None, fix)
         }
+        BundleError::NotRegularFile { file, kind } => {
+            let name = file_name(file);
+            // The same finding as any other unreadable file, with the reason.
+            error(
+                "unreadable-file",
+                Some(&name),
+                Some(format!(
+                    "it is a {kind}: reading one could block or never end, so plugca refuses it"
+                )),
+                format!(
+                    "make {name} a regular file readable by the user running plugca (in Kubernetes: the secret volume's defaultMode and the pod's fsGroup)"
+                ),
+            )
+        }
         BundleError::TooLarge { file, .. } => {
             let name = file_name(file);
             error(
