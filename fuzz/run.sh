@@ -9,7 +9,9 @@
 #   FUZZ_SECONDS_PER_TARGET  run time of each target (default 20)
 #   FUZZ_TARGETS             space-separated targets (default: all, `cargo fuzz list`)
 #   FUZZ_SANITIZER           address (default) or none
-#   FUZZ_TOOLS               where cargo-fuzz is installed (default target/fuzz-tools)
+#   FUZZ_TOOLS               where cargo-fuzz is installed (default ~/.cache/plugca-fuzz/tools)
+#   FUZZ_TARGET_DIR          cargo's target dir for the fuzz build (default ~/.cache/plugca-fuzz/target,
+#                            outside the clone so a fresh clone on the same machine builds incrementally)
 #
 # A crashing input is copied to fuzz/regressions/<target>/, where
 # tests/fuzz_regressions.rs replays it under `cargo test`; in CI, whose clone
@@ -19,7 +21,8 @@ cd "$(dirname "$0")"
 fuzz_dir=$PWD
 
 CARGO_FUZZ_VERSION=0.13.1
-tools=${FUZZ_TOOLS:-$fuzz_dir/../target/fuzz-tools}
+tools=${FUZZ_TOOLS:-$HOME/.cache/plugca-fuzz/tools}
+target_dir=${FUZZ_TARGET_DIR:-$HOME/.cache/plugca-fuzz/target}
 seconds=${FUZZ_SECONDS_PER_TARGET:-20}
 sanitizer=${FUZZ_SANITIZER:-address}
 # Per run: libFuzzer's RSS ceiling (ASan's shadow memory counts), and the
@@ -37,11 +40,11 @@ export PATH="$tools/bin:$PATH" RUSTC_BOOTSTRAP=1
 
 # Debug assertions on: integer overflow and slice arithmetic mistakes panic.
 echo "== cargo fuzz build (sanitizer: $sanitizer)"
-cargo fuzz build --sanitizer "$sanitizer" --debug-assertions
+cargo fuzz build --sanitizer "$sanitizer" --debug-assertions --target-dir "$target_dir"
 
 targets=${FUZZ_TARGETS:-$(cargo fuzz list)}
 triple=$(rustc -vV | sed -n 's/^host: //p')
-bin_dir=$fuzz_dir/target/$triple/release
+bin_dir=$target_dir/$triple/release
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 

@@ -599,11 +599,16 @@ async fn reviews_beyond_the_concurrency_cap_are_shed_with_unavailable() {
     let fake = FakeApiServer::start().await;
     let (server, _dir) = kube_server(&fake, &["--kube-api-timeout", "20s"]).await;
     fake.slow_reviews(Some(Duration::from_secs(4)));
-    let client = server.client().await;
+    // Four connections: one carries at most 16 streams (issue 12 item 1), and
+    // 48 concurrent requests must reach the server to exceed the review cap.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(server.client().await);
+    }
     let csr_text = ztunnel_csr();
     let mut tasks = Vec::new();
     for n in 0..48 {
-        let mut client = client.clone();
+        let mut client = clients[n % clients.len()].clone();
         let csr_text = csr_text.clone();
         tasks.push(tokio::spawn(async move {
             request(&mut client, csr_text, &bearer(format!("distinct-junk-{n}")))
