@@ -549,11 +549,15 @@ users:
 async fn repeated_junk_tokens_cost_a_handful_of_token_reviews() {
     let fake = FakeApiServer::start().await;
     let (server, _dir) = kube_server(&fake, &[]).await;
-    let client = server.client().await;
+    // Five workers per connection: a connection carries at most 16 streams.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(server.client().await);
+    }
     let csr_text = ztunnel_csr();
     let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let mut client = client.clone();
+    for n in 0..20 {
+        let mut client = clients[n % clients.len()].clone();
         let csr_text = csr_text.clone();
         tasks.push(tokio::spawn(async move {
             let mut refused = 0;

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use tracing::warn;
 
 use crate::authn::{Authenticator, AuthnError, Caller, RequestContext};
-use crate::identity::{Identity, SpiffeId};
+use crate::identity::Identity;
 use crate::metrics::AuthnKind;
 
 pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
@@ -352,20 +352,7 @@ fn check_identity(id: &str, reserved: &[String]) -> Result<(), XfccError> {
 /// A SPIFFE ID, an IP address or a DNS name: what may become a SAN (its
 /// wildcards are checked by [`check_identity`]).
 fn valid_identity(id: &str) -> bool {
-    if id.starts_with("spiffe://") {
-        return SpiffeId::parse(id).is_ok();
-    }
-    id.parse::<IpAddr>().is_ok()
-        || (id.len() <= 253
-            && id.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            }))
+    Identity::parse(id).is_ok()
 }
 
 /// Takes the caller's identities from a trusted gateway's XFCC header.
