@@ -29,10 +29,13 @@ use plugca::impersonation::policy::{Pattern, Policy};
 use plugca::server::harness::{self as fault, Fault, Overrides};
 use plugca::{duration, pem};
 
+/// One target: feeds the bytes to a parser, returns whether it accepted them.
+pub type Target = fn(&[u8]) -> bool;
+
 /// Every target by name, as in `fuzz/Cargo.toml`, `fuzz/corpus/<name>/` and
 /// `fuzz/regressions/<name>/`. Each returns whether the
 /// parser under test accepted the input (the replay test checks the seeds).
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("csr", csr),
     ("pem", pem),
     ("bundle", bundle),
