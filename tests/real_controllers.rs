@@ -495,6 +495,34 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
     let kubeconfig = service_account_kubeconfig(lab, NS, "plugca", dir.path());
     let existing = lab.namespace(Cluster::Local, "existing");
 
+    // An Opaque Secret where istiod-tls goes (type is immutable): plugca
+    // must delete it and create a kubernetes.io/tls one.
+    lab.kubectl_ok(
+        Cluster::Local,
+        &[
+            "-n",
+            NS,
+            "delete",
+            "secret",
+            "istiod-tls",
+            "--ignore-not-found",
+        ],
+        None,
+    );
+    lab.kubectl_ok(
+        Cluster::Local,
+        &[
+            "-n",
+            NS,
+            "create",
+            "secret",
+            "generic",
+            "istiod-tls",
+            "--from-literal=tls.crt=x",
+        ],
+        None,
+    );
+
     let r1 = root("ctl-root-1");
     let i1 = intermediate(&r1, "ctl-ica-1");
     let cacerts = dir.path().join("cacerts");
@@ -582,11 +610,44 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
     // istiod-tls.
     let tls = dir.path().join("tls");
     std::fs::create_dir(&tls).unwrap();
-    let (kind, serial1) = eventually(CONTROLLER_DELAY, "Secret istiod-tls", || {
-        istiod_tls(lab, &tls)
-    });
-    assert_eq!(kind, "kubernetes.io/tls");
+    let (_, serial1) = eventually(
+        CONTROLLER_DELAY,
+        "the Opaque Secret replaced by istiod-tls of type kubernetes.io/tls",
+        || istiod_tls(lab, &tls).filter(|(t, _)| t == "kubernetes.io/tls"),
+    );
     check_istiod_tls(&tls, &r1, &roots1);
+
+    // Deleted: re-created.
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["-n", NS, "delete", "secret", "istiod-tls"],
+        None,
+    );
+    let (_, serial_recreated) = eventually(CONTROLLER_DELAY, "istiod-tls re-created", || {
+        istiod_tls(lab, &tls).filter(|(_, s)| *s != serial1)
+    });
+    let serial1 = serial_recreated;
+    check_istiod_tls(&tls, &r1, &roots1);
+
+    // A Terminating namespace (no namespace controller here: it stays so)
+    // whose ConfigMap is gone: the apiserver refuses creates in it, plugca
+    // must not try (no write error below).
+    let terminating = lab.namespace(Cluster::Local, "terminating");
+    eventually(
+        CONTROLLER_DELAY,
+        "the ConfigMap in a namespace to be deleted",
+        || configmap_roots(lab, &terminating).map(|_| ()),
+    );
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["delete", "namespace", &terminating, "--wait=false"],
+        None,
+    );
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["-n", &terminating, "delete", "configmap", CONFIGMAP],
+        None,
+    );
 
     // A root added to the bundle: every ConfigMap updated, istiod-tls re-issued.
     let r2 = root("ctl-root-2");
@@ -618,6 +679,11 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
     check_istiod_tls(&tls, &r1, &roots2);
     eprintln!("istiod-tls {serial1} -> {serial2:?}");
 
+    assert_eq!(
+        configmap_roots(lab, &terminating),
+        None,
+        "written into a Terminating namespace"
+    );
     let (_, metrics) = server.http_get("/metrics").await;
     assert!(
         metrics.contains("plugca_controller_leader 1\n"),
@@ -854,4 +920,51 @@ async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() 
     assert_eq!(follower.leader_metric().await.as_deref(), Some("1"));
     assert!(follower.log_text().contains("took the controllers' Lease"));
     follower.sign(&roots, &token, &ns).await;
+
+    // A stopped leader (SIGTERM, as the kubelet stops a pod) releases the
+    // Lease on its way out: a third process takes it at once, not after expiry.
+    let c = spawn_plugca(&unique("plugca-c"), &args, dir.path());
+    c.sign(&roots, &token, &ns).await;
+    assert_eq!(c.leader_metric().await.as_deref(), Some("0"));
+    let pid = follower.child.0.id().to_string();
+    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term.success());
+    let stopped_at = Instant::now();
+    eventually(
+        HANDOVER,
+        "the third process takes the released Lease",
+        || (lease_holder(lab) == c.name).then_some(()),
+    );
+    let handover = stopped_at.elapsed();
+    eprintln!(
+        "handover after SIGTERM from {} to {} in {handover:.1?}",
+        follower.name, c.name
+    );
+    assert!(
+        handover < Duration::from_secs(8),
+        "a released Lease took {handover:?}"
+    );
+    c.sign(&roots, &token, &ns).await;
+    let last = lab.namespace(Cluster::Local, "last");
+    eventually(CONTROLLER_DELAY, "the third process writes", || {
+        configmap_roots(lab, &last)
+            .filter(|r| r.contains(roots.trim()))
+            .map(|_| ())
+    });
+
+    // Nothing the apiserver refused along the way (RBAC, patch types, selectors).
+    for p in [&follower, &c] {
+        let text = p.log_text();
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("\"WARN\"") || l.contains("\"ERROR\""))
+            .collect();
+        eprintln!("{} warnings: {bad:#?}", p.name);
+        assert!(
+            !bad.iter()
+                .any(|l| l.contains("orbidden") || l.contains("cannot")),
+            "{}: {bad:#?}",
+            p.name
+        );
+    }
 }
