@@ -21,7 +21,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -38,12 +37,10 @@ const CONTROLLER_DELAY: Duration = Duration::from_secs(20);
 /// The Lease lives 15 s; a killed leader's Lease must expire and be taken.
 const HANDOVER: Duration = Duration::from_secs(30);
 
-/// The controller tests write into every namespace and share the Lease.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// The controller tests write into every namespace and share the Lease
+/// (an async mutex: each test holds it across awaits, and a failed test
+/// must not poison it for the next).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Server-side applies `yaml` as admin.
 fn apply(lab: &KubeLab, yaml: &str) -> String {
@@ -488,12 +485,58 @@ fn check_istiod_tls(dir: &Path, root: &GeneratedCa, roots: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istiod_tls_current() {
     let Some(lab) = kube_lab::lab() else { return };
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     apply_kustomize_rbac(lab);
     helm_dry_run(lab);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = service_account_kubeconfig(lab, NS, "plugca", dir.path());
     let existing = lab.namespace(Cluster::Local, "existing");
+
+    // The controllers' RBAC is by name: istio-ca-root-cert, istiod-tls and
+    // the Lease plugca-leader, nothing else (creates cannot be named).
+    for args in [
+        &["get", "configmaps/istio-ca-root-cert", "-n", &existing][..],
+        &["list", "configmaps/istio-ca-root-cert", "--all-namespaces"],
+        &["watch", "configmaps/istio-ca-root-cert", "--all-namespaces"],
+        &[
+            "patch",
+            "configmaps/istio-ca-root-cert",
+            "-n",
+            "kube-system",
+        ],
+        &["create", "configmaps", "-n", &existing],
+        &["list", "namespaces"],
+        &["watch", "namespaces"],
+        &["get", "secrets/istiod-tls", "-n", NS],
+        &["delete", "secrets/istiod-tls", "-n", NS],
+        &[
+            "patch",
+            "leases.coordination.k8s.io/plugca-leader",
+            "-n",
+            NS,
+        ],
+        &["create", "leases.coordination.k8s.io", "-n", NS],
+    ] {
+        assert!(can_i(lab, &kubeconfig, args), "plugca may not {args:?}");
+    }
+    for args in [
+        &["get", "configmaps/other", "-n", &existing][..],
+        &["list", "configmaps", "--all-namespaces"],
+        &["delete", "configmaps/istio-ca-root-cert", "-n", &existing],
+        &["get", "secrets/cacerts", "-n", NS],
+        &["list", "secrets", "-n", NS],
+        &["get", "secrets/istiod-tls", "-n", "default"],
+        &["patch", "leases.coordination.k8s.io/other", "-n", NS],
+        &[
+            "patch",
+            "leases.coordination.k8s.io/plugca-leader",
+            "-n",
+            "kube-system",
+        ],
+        &["delete", "namespaces"],
+    ] {
+        assert!(!can_i(lab, &kubeconfig, args), "plugca may {args:?}");
+    }
 
     // An Opaque Secret where istiod-tls goes (type is immutable): plugca
     // must delete it and create a kubernetes.io/tls one.
@@ -760,6 +803,15 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first sample line starting with `prefix`.
+    async fn metric(&self, prefix: &str) -> Option<String> {
+        let addr = self.monitoring.parse().unwrap();
+        let (_, text) = plugca::testing::http_get(addr, "/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+    }
+
     async fn leader_metric(&self) -> Option<String> {
         let addr = self.monitoring.parse().unwrap();
         let (_, text) = plugca::testing::http_get(addr, "/metrics").await;
@@ -811,7 +863,7 @@ const WRITE_LOG: &str = "istio-ca-root-cert written";
 #[tokio::test(flavor = "multi_thread")]
 async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() {
     let Some(lab) = kube_lab::lab() else { return };
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     apply_kustomize_rbac(lab);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = service_account_kubeconfig(lab, NS, "plugca", dir.path());
@@ -882,6 +934,16 @@ async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() 
         !follower.log_text().contains("istiod-tls written"),
         "the follower wrote:\n{}",
         follower.log_text()
+    );
+    assert_eq!(
+        follower.metric("plugca_controller_writes_total{").await,
+        None
+    );
+    assert!(
+        leader
+            .metric("plugca_controller_writes_total{")
+            .await
+            .is_some()
     );
 
     // Kill the leader (SIGKILL: no release): the follower takes over once the
