@@ -34,7 +34,6 @@ CONTROLLER_FLAGS = {
     "istiod-extra-dns-names",
     "leader-election-namespace",
     "leader-election-lease",
-    "self-signed-secret",
 }
 
 # Labels only Helm adds; everything else must match.
@@ -257,13 +256,13 @@ def features(which, path):
                   "--trusted-node-accounts", "--cacerts-dir"):
             expect(f in flags, f"{which}: passes {f}", f"{which}: does not pass {f}")
     if which == "all":
-        for f in ("--remote-kubeconfigs", "--self-signed-secret", "--istiod-revisions",
+        for f in ("--remote-kubeconfigs", "--istiod-revisions",
                   "--istiod-extra-dns-names", "--root-configmap-namespace-selector",
                   "--root-configmap-exclude-namespaces", "--extra-trust-roots",
                   "--max-concurrent-signs", "--allow-root-replacement"):
             expect(f in flags, f"all: passes {f}", f"all: does not pass {f}")
-        expect(("ServiceMonitor", "plugca") in kinds and ("Role", "plugca-self-signed") in kinds,
-               "all: ServiceMonitor and the self-signed Secret role",
+        expect(("ServiceMonitor", "plugca") in kinds and ("Role", "plugca-self-signed") not in kinds,
+               "all: ServiceMonitor, and no self-signed Secret role (not supported yet)",
                f"all: kinds are {sorted(kinds)}")
         # No offline schema for the Prometheus operator's CRD: check what matters.
         sm = next((d for d in docs if d["kind"] == "ServiceMonitor"), None)
@@ -287,7 +286,7 @@ def features(which, path):
                f"minimal: ClusterRole plugca grants {sorted(base)}")
         expect(roles == {"plugca"}, "minimal: no other Role or ClusterRole",
                f"minimal: roles are {sorted(roles)}")
-        expect(not (flags & {"--" + f for f in CONTROLLER_FLAGS} - {"--self-signed-secret"})
+        expect(not (flags & {"--" + f for f in CONTROLLER_FLAGS})
                and "--trusted-node-accounts" not in flags,
                "minimal: no controller or node-authorization flags",
                f"minimal: flags are {sorted(flags)}")

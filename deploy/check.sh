@@ -132,10 +132,10 @@ for v in "${VALIDATE_VERSIONS[@]}"; do
   run "kubernetes-validate --strict -k $v (deploy/rbac/plugca-rbac.yaml)" validate "$v" deploy/rbac/plugca-rbac.yaml
 done
 
-must_fail "refuses 2 replicas without cacerts or a shared self-signed root" \
+must_fail "refuses 2 replicas without cacerts" \
   "every replica would generate its own root" --set app.tls.cacerts.secretName=
-run "accepts 2 replicas without cacerts with a shared self-signed root" \
-  render "$OUT/shared-root.yaml" --set app.tls.cacerts.secretName= --set app.tls.selfSigned.secretName=plugca-root
+must_fail "refuses a self-signed root kept in a Secret (no such plugca flag yet)" \
+  "app.tls.selfSigned.secretName is not supported yet" --set app.tls.selfSigned.secretName=plugca-root
 must_fail "refuses a grace period not longer than the drain timeout" \
   "terminationGracePeriodSeconds (30) must be at least" --set terminationGracePeriodSeconds=30
 must_fail "values schema refuses an unknown value" \

@@ -124,7 +124,12 @@ pub fn spawn(
             let mut fence = Fence::default();
             let changed = manager.changed();
             tokio::pin!(changed);
-            let mut tick = tokio::time::interval(RETRY_INTERVAL);
+            // First tick one interval in: a fresh manager takes a free Lease
+            // itself, and a follower must not restart it before it could.
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + RETRY_INTERVAL,
+                RETRY_INTERVAL,
+            );
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let failed = loop {
                 tokio::select! {
@@ -133,10 +138,22 @@ pub fn spawn(
                             fence.crate_changed(held, Instant::now());
                             changed.set(manager.changed());
                         }
-                        Err(e) => break e.to_string(),
+                        Err(e) => break Some(e.to_string()),
                     },
-                    _ = tick.tick(), if fence.crate_leader() => {
+                    _ = tick.tick() => {
                         let read = tokio::time::timeout(RETRY_INTERVAL, leases.get(&config.lease_name)).await;
+                        if !fence.crate_leader() {
+                            // The crate's follower sleeps until the expiry it last
+                            // saw, even when the holder releases the Lease on
+                            // shutdown: look ourselves, and restart the manager
+                            // (which takes a free Lease at once) once it is released.
+                            if let Ok(Ok(lease)) = read
+                                && is_released(&lease)
+                            {
+                                break None;
+                            }
+                            continue;
+                        }
                         match read {
                             Ok(Ok(lease)) => fence.observed(&observe(&lease, &config.identity, SystemTime::now()), Instant::now()),
                             Ok(Err(e)) => {
@@ -151,7 +168,8 @@ pub fn spawn(
                     }
                     _ = crate::controllers::stopped(&mut shutdown) => {
                         publish(false);
-                        // Release so the next replica does not wait for expiry.
+                        // Release so the next replica does not wait for expiry
+                        // (its follower loop above notices within RETRY_INTERVAL).
                         let _ = tokio::time::timeout(RETRY_INTERVAL, manager.release()).await;
                         return;
                     }
@@ -159,6 +177,10 @@ pub fn spawn(
                 publish(fence.is_leader(Instant::now()));
             };
             publish(false);
+            let Some(failed) = failed else {
+                info!(lease = %config.lease_name, namespace = %config.namespace, "the Lease was released by its holder: trying to take it now");
+                continue;
+            };
             metrics.failed(Controller::leader_election, ErrorKind::lease);
             warn!(lease = %config.lease_name, namespace = %config.namespace, error = %failed, "Lease renewal failed; writers stopped, retrying");
             tokio::select! {
@@ -168,6 +190,16 @@ pub fn spawn(
         }
     });
     (Leadership { rx }, task)
+}
+
+/// Whether nobody holds `lease`: its holder released it (kube-lease-manager
+/// clears `holderIdentity`) or it was never taken.
+pub fn is_released(lease: &Lease) -> bool {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .is_none_or(str::is_empty)
 }
 
 /// What one read of the Lease said about us.
@@ -261,6 +293,14 @@ mod tests {
             }),
             ..Lease::default()
         }
+    }
+
+    #[test]
+    fn a_lease_without_holder_is_released() {
+        assert!(is_released(&lease(None, None)));
+        assert!(is_released(&lease(Some(""), Some(SystemTime::now()))));
+        assert!(is_released(&Lease::default()));
+        assert!(!is_released(&lease(Some("other"), Some(SystemTime::now()))));
     }
 
     #[test]

@@ -260,7 +260,12 @@ impl KubeLab {
     /// A namespace with a fixed name (for istio-system): created once, reused.
     pub fn ensure_namespace(&self, cluster: Cluster, name: &str) {
         let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
-        self.kubectl_ok(cluster, &["apply", "-f", "-"], Some(&yaml));
+        // Tests racing to create it: one wins, the others see AlreadyExists.
+        match self.kubectl(cluster, &["apply", "-f", "-"], Some(&yaml)) {
+            Ok(_) => {}
+            Err(e) if e.contains("AlreadyExists") => {}
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// A ServiceAccount (no controller-manager: nothing creates them for us).

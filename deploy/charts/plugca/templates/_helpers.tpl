@@ -41,8 +41,11 @@ change, instead of surfacing as a crash loop.
 */}}
 {{- define "plugca.validate" -}}
 {{- $app := .Values.app -}}
-{{- if and (gt (int .Values.replicaCount) 1) (not $app.tls.cacerts.secretName) (not $app.tls.selfSigned.secretName) -}}
-{{- fail (printf "replicaCount is %d but no CA is plugged in (app.tls.cacerts.secretName is empty) and no shared self-signed root is kept (app.tls.selfSigned.secretName is empty): every replica would generate its own root and workloads would not trust each other. Plug in a cacerts Secret, set app.tls.selfSigned.secretName, or set replicaCount to 1." (int .Values.replicaCount)) -}}
+{{- if $app.tls.selfSigned.secretName -}}
+{{- fail "app.tls.selfSigned.secretName is not supported yet: plugca has no flag to keep its self-signed root in a Secret. Plug in a cacerts Secret (app.tls.cacerts.secretName), or run one replica on a self-signed root." -}}
+{{- end -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not $app.tls.cacerts.secretName) -}}
+{{- fail (printf "replicaCount is %d but no CA is plugged in (app.tls.cacerts.secretName is empty): every replica would generate its own root and workloads would not trust each other. Plug in a cacerts Secret or set replicaCount to 1." (int .Values.replicaCount)) -}}
 {{- end -}}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (add (int $app.server.drainTimeoutSeconds) 5 | int) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least app.server.drainTimeoutSeconds + 5 (%d): the kubelet would kill plugca while it drains in-flight requests." (int .Values.terminationGracePeriodSeconds) (add (int $app.server.drainTimeoutSeconds) 5 | int)) -}}
