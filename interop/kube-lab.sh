@@ -106,7 +106,7 @@ start_etcd() {
 		>"$state/etcd.log" 2>&1 </dev/null &
 	ETCD_PID=$!
 	record "ETCD_URL=$ETCD_URL" "ETCD_PID=$ETCD_PID" "ETCD_LOG=$state/etcd.log"
-	if ! wait_for 30 "$state/etcd.log" etcd curl -fsS "$ETCD_URL/health"; then
+	if ! wait_for "${KUBE_LAB_ETCD_TIMEOUT:-60}" "$state/etcd.log" etcd curl -fsS "$ETCD_URL/health"; then
 		kill "$ETCD_PID" 2>/dev/null || true
 		return 1
 	fi
