@@ -23,7 +23,7 @@ use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::transport::Channel;
 
-pub const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-sample-certs");
+pub const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio-sample-certs");
 pub const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/certs");
 pub const JWT_ISSUER: &str = "https://issuer.plugca.test";
 
