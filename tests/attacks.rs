@@ -15,9 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use plugca::ca::generate::{self, CaSpec, GeneratedCa, KeyChoice};
 use plugca::client::CsrShape;
-use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -620,55 +618,10 @@ async fn a_thousand_monitoring_connections_under_a_1024_file_limit_starve_nothin
 
 // ------------------------------------------------------------ item 3
 
-fn root(cn: &str) -> GeneratedCa {
-    let now = OffsetDateTime::now_utc();
-    generate::self_signed_root(
-        &CaSpec {
-            organization: Some("attack test".into()),
-            common_name: Some(cn.into()),
-            locality: None,
-            not_before: now - time::Duration::minutes(5),
-            not_after: now + time::Duration::days(365),
-            path_len: None,
-            dns_sans: vec![],
-        },
-        generate::generate_key(KeyChoice::P256).unwrap(),
-    )
-    .unwrap()
-}
-
-fn intermediate(parent: &GeneratedCa, cn: &str) -> GeneratedCa {
-    let now = OffsetDateTime::now_utc();
-    generate::intermediate(
-        &CaSpec {
-            organization: Some("attack test".into()),
-            common_name: Some(cn.into()),
-            locality: None,
-            not_before: now - time::Duration::minutes(5),
-            not_after: now + time::Duration::days(300),
-            path_len: Some(0),
-            dns_sans: vec![],
-        },
-        generate::generate_key(KeyChoice::P256).unwrap(),
-        &parent.cert_der,
-        &parent.key,
-    )
-    .unwrap()
-}
-
-fn write_bundle(dir: &Path, ca: &GeneratedCa, roots: &[&GeneratedCa]) {
-    let root_text: String = roots.iter().map(|r| r.cert_pem.clone()).collect();
-    for (name, text) in [
-        ("ca-key.pem", ca.key.secret_pkcs8_pem().to_string()),
-        ("ca-cert.pem", ca.cert_pem.clone()),
-        ("cert-chain.pem", ca.cert_pem.clone()),
-        ("root-cert.pem", root_text),
-    ] {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, dir.join(name)).unwrap();
-    }
-}
+use common::{
+    rotation_intermediate as intermediate, rotation_root as root,
+    write_rotation_bundle as write_bundle,
+};
 
 /// A client certificate for `ID` under `ca`, valid for `ttl_secs`, issued by
 /// a lab-mode server of that CA: (chain without roots, key).

@@ -16,58 +16,10 @@ use time::OffsetDateTime;
 
 const ID: &str = "spiffe://cluster.local/ns/foo/sa/bar";
 
-fn root(cn: &str) -> GeneratedCa {
-    let now = OffsetDateTime::now_utc();
-    generate::self_signed_root(
-        &CaSpec {
-            organization: Some("reload test".into()),
-            common_name: Some(cn.into()),
-            locality: None,
-            not_before: now - time::Duration::minutes(5),
-            not_after: now + time::Duration::days(365),
-            path_len: None,
-            dns_sans: vec![],
-        },
-        generate::generate_key(KeyChoice::P256).unwrap(),
-    )
-    .unwrap()
-}
-
-fn intermediate(parent: &GeneratedCa, cn: &str) -> GeneratedCa {
-    let now = OffsetDateTime::now_utc();
-    generate::intermediate(
-        &CaSpec {
-            organization: Some("reload test".into()),
-            common_name: Some(cn.into()),
-            locality: None,
-            not_before: now - time::Duration::minutes(5),
-            not_after: now + time::Duration::days(300),
-            path_len: Some(0),
-            dns_sans: vec![],
-        },
-        generate::generate_key(KeyChoice::P256).unwrap(),
-        &parent.cert_der,
-        &parent.key,
-    )
-    .unwrap()
-}
-
-/// Writes an istiod-layout bundle into `dir`.
-fn write_bundle(dir: &Path, ca: &GeneratedCa, roots: &[&GeneratedCa]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let root_text: String = roots.iter().map(|r| r.cert_pem.clone()).collect();
-    // Write to temporary names and rename, as a careful operator would.
-    for (name, text) in [
-        ("ca-key.pem", ca.key.secret_pkcs8_pem().to_string()),
-        ("ca-cert.pem", ca.cert_pem.clone()),
-        ("cert-chain.pem", ca.cert_pem.clone()),
-        ("root-cert.pem", root_text),
-    ] {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, dir.join(name)).unwrap();
-    }
-}
+use common::{
+    rotation_intermediate as intermediate, rotation_root as root,
+    write_rotation_bundle as write_bundle,
+};
 
 /// Waits (bounded) until the server's signing certificate is `ca`'s.
 async fn wait_for_signing(server: &Server, ca: &GeneratedCa) {

@@ -578,3 +578,58 @@ pub async fn jwt_server(keys: &JwtKeys, dir: &std::path::Path, extra: &[&str]) -
     args.extend(keys.server_args());
     Server::start(&args).await
 }
+
+/// A P-256 root valid for a year (rotation and attack tests).
+pub fn rotation_root(cn: &str) -> GeneratedCa {
+    let now = time::OffsetDateTime::now_utc();
+    generate::self_signed_root(
+        &CaSpec {
+            organization: Some("plugca test".into()),
+            common_name: Some(cn.into()),
+            locality: None,
+            not_before: now - time::Duration::minutes(5),
+            not_after: now + time::Duration::days(365),
+            path_len: None,
+            dns_sans: vec![],
+        },
+        generate::generate_key(KeyChoice::P256).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A P-256 intermediate (pathlen 0) under `parent`, valid for 300 days.
+pub fn rotation_intermediate(parent: &GeneratedCa, cn: &str) -> GeneratedCa {
+    let now = time::OffsetDateTime::now_utc();
+    generate::intermediate(
+        &CaSpec {
+            organization: Some("plugca test".into()),
+            common_name: Some(cn.into()),
+            locality: None,
+            not_before: now - time::Duration::minutes(5),
+            not_after: now + time::Duration::days(300),
+            path_len: Some(0),
+            dns_sans: vec![],
+        },
+        generate::generate_key(KeyChoice::P256).unwrap(),
+        &parent.cert_der,
+        &parent.key,
+    )
+    .unwrap()
+}
+
+/// Writes an istiod-layout bundle into `dir` (each file renamed into place).
+pub fn write_rotation_bundle(dir: &Path, ca: &GeneratedCa, roots: &[&GeneratedCa]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let root_text: String = roots.iter().map(|r| r.cert_pem.clone()).collect();
+    // Write to temporary names and rename, as a careful operator would.
+    for (name, text) in [
+        ("ca-key.pem", ca.key.secret_pkcs8_pem().to_string()),
+        ("ca-cert.pem", ca.cert_pem.clone()),
+        ("cert-chain.pem", ca.cert_pem.clone()),
+        ("root-cert.pem", root_text),
+    ] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
