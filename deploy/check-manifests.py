@@ -293,6 +293,9 @@ def features(which, path):
         expect("emptyDir" in vols["cacerts"] and ("PodDisruptionBudget", "plugca") not in kinds,
                "minimal: one replica on an empty cacerts dir, no PodDisruptionBudget",
                f"minimal: cacerts volume {vols['cacerts']}, kinds {sorted(kinds)}")
+        expect("--self-signed" in flags,
+               "minimal: asks for the self-signed root explicitly (--self-signed)",
+               f"minimal: flags are {sorted(flags)}")
 
 
 def struct_body(src_dir, name):

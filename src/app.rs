@@ -438,7 +438,7 @@ fn load_ca(
     };
     let bundle = Reloader::initial_bundle(
         &config.ca.cacerts_dir,
-        &self_signed,
+        config.ca.self_signed.then_some(&self_signed),
         config.ca.extra_trust_roots.as_deref(),
         now,
     )?;
@@ -451,8 +451,27 @@ fn load_ca(
             roots = bundle.roots().len(),
             "plugged-in CA loaded"
         );
+        warn_if_key_exposed(&config.ca.cacerts_dir, bundle.layout());
     }
     Ok((bundle, self_signed))
+}
+
+/// A CA key other users can read is a leaked CA: say so at start (the
+/// doctor reports it too). Never refused, since the operator may have reasons
+/// (a read-only mount whose mode they cannot change).
+fn warn_if_key_exposed(dir: &std::path::Path, layout: Layout) {
+    let name = match layout {
+        Layout::KubernetesTls => crate::ca::bundle::TLS_KEY,
+        Layout::Istiod | Layout::SelfSigned => crate::ca::bundle::CA_KEY,
+    };
+    let file = dir.join(name);
+    if let Some(exposure) = crate::fsutil::key_exposure(&file) {
+        warn!(
+            file = %file.display(),
+            mode = %format!("{:04o}", exposure.mode),
+            "the CA key file is readable by other users ({exposure}); chmod 600 it (or 0440 with only plugca's group)"
+        );
+    }
 }
 
 /// The authenticator chain in the order requests try it (client certificate
@@ -569,7 +588,7 @@ async fn impersonation(
 fn fault_harness(config: &Config) -> (Option<Arc<Faults>>, Option<Arc<IssuedLog>>) {
     let faults = config.faults.as_ref().map(|initial| {
         warn!(faults = ?initial, "FAULT INJECTION enabled (test harness mode): admin endpoints /faults and /issued are open on the monitoring port");
-        let f = Arc::new(Faults::default());
+        let f = Arc::new(Faults::with_max_ttl(config.issuance.max_ttl));
         f.set_global(initial.clone());
         f
     });

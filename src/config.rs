@@ -2,7 +2,7 @@
 //! pure step. Config holds paths, never secrets, so it is safe to log.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -37,10 +37,16 @@ pub const DEFAULT_TOKEN_REVIEW_CACHE_TTL: &str = "60s";
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Directory with the plugged-in CA: ca-cert.pem, ca-key.pem, cert-chain.pem,
-    /// root-cert.pem (or tls.crt, tls.key, ca.crt). Without any of them a
-    /// self-signed root is generated in memory.
+    /// root-cert.pem (or tls.crt, tls.key, ca.crt). A missing, unreadable or
+    /// empty directory stops the server at start, unless --self-signed is given.
     #[arg(long, env = "ROOT_CA_DIR", default_value = DEFAULT_CACERTS_DIR)]
     pub cacerts_dir: PathBuf,
+
+    /// Run on a generated self-signed root while --cacerts-dir holds no
+    /// bundle (a bundle plugged in later replaces it). Implied by
+    /// --self-signed-dir. Without it, no bundle is an error at start.
+    #[arg(long, env = "PLUGCA_SELF_SIGNED")]
+    pub self_signed: bool,
 
     /// Address of the gRPC (TLS) listener.
     #[arg(long, env = flag::GRPC_ADDR.env, default_value = DEFAULT_GRPC_ADDR)]
@@ -111,7 +117,8 @@ pub struct ServeArgs {
     pub self_signed_key: KeyChoice,
 
     /// Directory to keep the self-signed root and key in (key mode 0600), so a
-    /// restart keeps the same root. Must not be the cacerts directory.
+    /// restart keeps the same root; implies --self-signed. Must not be the
+    /// cacerts directory nor inside it (compared after resolving links).
     #[arg(long, env = "PLUGCA_SELF_SIGNED_DIR")]
     pub self_signed_dir: Option<PathBuf>,
 
@@ -204,6 +211,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Log lines queued for stderr; when stderr is not read fast enough,
+    /// lines past this are dropped and counted
+    /// (plugca_log_lines_dropped_total) instead of blocking requests.
+    #[arg(long, env = flag::LOG_BUFFER_LINES.env, default_value_t = crate::logging::DEFAULT_BUFFER_LINES)]
+    pub log_buffer_lines: usize,
+
     // In-cluster controllers (issue 10): --root-configmap*, --istiod-*, --leader-election-*.
     #[command(flatten)]
     pub controllers: crate::controllers::args::ControllersArgs,
@@ -274,6 +287,8 @@ pub struct Config {
     /// `Some` (possibly empty) when fault injection is enabled.
     pub faults: Option<Vec<Fault>>,
     pub log_format: LogFormat,
+    /// Lines the log queue holds before dropping (see `crate::logging`).
+    pub log_buffer_lines: usize,
     /// The in-cluster controllers; each is off unless its flag is given.
     pub controllers: crate::controllers::ControllersConfig,
     pub net: crate::limits::NetConfig,
@@ -295,6 +310,9 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct CaConfig {
     pub cacerts_dir: PathBuf,
+    /// `--self-signed` (or `--self-signed-dir`): a generated root is asked
+    /// for when the cacerts directory holds no bundle.
+    pub self_signed: bool,
     pub self_signed_ttl: Duration,
     pub self_signed_key: KeyChoice,
     pub self_signed_dir: Option<PathBuf>,
@@ -349,9 +367,15 @@ pub enum ConfigError {
     )]
     RemoteWithoutLocal,
     #[error(
-        "--self-signed-dir must not be the --cacerts-dir ({0}): its files would look like a partial plugged-in bundle"
+        "--self-signed-dir {self_signed_dir} resolves to {resolved}, which is {relation} --cacerts-dir {cacerts_dir}: the generated root would be written into the plugged-in CA directory; use a directory outside it"
     )]
-    SelfSignedDirIsCacertsDir(PathBuf),
+    SelfSignedDirInCacertsDir {
+        self_signed_dir: PathBuf,
+        cacerts_dir: PathBuf,
+        resolved: PathBuf,
+        /// `the same directory as` or `inside`.
+        relation: &'static str,
+    },
     /// Flags clap refused (unknown flag, missing value), in clap's words;
     /// only [`Config::from_args`] returns it (the binary lets clap exit).
     #[error("{0}")]
@@ -464,6 +488,8 @@ mod flag {
         Flag::new("--trust-domain-aliases", "PLUGCA_TRUST_DOMAIN_ALIASES");
     pub(super) const TOKEN_REVIEW_CACHE_TTL: Flag =
         Flag::new("--token-review-cache-ttl", "PLUGCA_TOKEN_REVIEW_CACHE_TTL");
+    pub(super) const LOG_BUFFER_LINES: Flag =
+        Flag::new("--log-buffer-lines", "PLUGCA_LOG_BUFFER_LINES");
 
     #[cfg(test)]
     pub(super) const ALL: &[Flag] = &[
@@ -488,6 +514,7 @@ mod flag {
         TRUSTED_NODE_ACCOUNTS,
         TRUST_DOMAIN_ALIASES,
         TOKEN_REVIEW_CACHE_TTL,
+        LOG_BUFFER_LINES,
     ];
 }
 
@@ -536,8 +563,8 @@ impl ServeArgs {
             (None, None) => None,
             _ => return Err(ConfigError::JwtIncomplete),
         };
-        if self.self_signed_dir.as_ref() == Some(&self.cacerts_dir) {
-            return Err(ConfigError::SelfSignedDirIsCacertsDir(self.cacerts_dir));
+        if let Some(dir) = &self.self_signed_dir {
+            check_self_signed_dir(dir, &self.cacerts_dir)?;
         }
         let max_concurrent_signs = match self.max_concurrent_signs {
             Some(0) => return Err(flag::MAX_CONCURRENT_SIGNS.invalid("0", "must be at least 1")),
@@ -560,11 +587,18 @@ impl ServeArgs {
                         f.parse::<Fault>()
                             .map_err(|e| flag::FAULT.invalid(f, e.to_string()))
                     })
-                    .collect::<Result<_, _>>()?,
+                    .collect::<Result<Vec<_>, _>>()?,
             )
         } else {
             None
         };
+        if let Some(list) = &faults {
+            crate::server::harness::check_ttl(list, Some(max_ttl))
+                .map_err(|reason| flag::FAULT.invalid(&self.faults.join(","), reason))?;
+        }
+        if self.log_buffer_lines == 0 {
+            return Err(flag::LOG_BUFFER_LINES.invalid("0", "must be at least 1"));
+        }
         let controllers = self.controllers.clone().into_config(&trust_domain)?;
         Ok(Config {
             trust_domain,
@@ -580,6 +614,7 @@ impl ServeArgs {
             },
             ca: CaConfig {
                 cacerts_dir: self.cacerts_dir,
+                self_signed: self.self_signed || self.self_signed_dir.is_some(),
                 self_signed_ttl,
                 self_signed_key: self.self_signed_key,
                 self_signed_dir: self.self_signed_dir,
@@ -605,6 +640,7 @@ impl ServeArgs {
             },
             faults,
             log_format: self.log_format,
+            log_buffer_lines: self.log_buffer_lines,
             controllers,
             net: self.net.into_config()?,
             trust_domain_aliases: self
@@ -674,6 +710,62 @@ impl ServeArgs {
             token_review_cache_ttl,
             allow_remote_exec: self.allow_remote_kubeconfig_exec,
         }))
+    }
+}
+
+/// Refuses a self-signed directory that is the cacerts directory or inside
+/// it, comparing the paths as the file system resolves them (`./cacerts`
+/// and `cacerts`, symlinks, `..`), including directories not created yet.
+fn check_self_signed_dir(self_signed_dir: &Path, cacerts_dir: &Path) -> Result<(), ConfigError> {
+    let (ours, theirs) = (resolve(self_signed_dir), resolve(cacerts_dir));
+    let relation = if ours == theirs {
+        "the same directory as"
+    } else if ours.starts_with(&theirs) {
+        "inside"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::SelfSignedDirInCacertsDir {
+        self_signed_dir: self_signed_dir.to_path_buf(),
+        cacerts_dir: cacerts_dir.to_path_buf(),
+        resolved: ours,
+        relation,
+    })
+}
+
+/// `path` made absolute with symlinks and `..` resolved: the longest
+/// existing prefix is canonicalized and the rest (not created yet) appended,
+/// with `.` dropped and `..` applied by hand.
+pub fn resolve(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                match part {
+                    Component::CurDir => {}
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    other => out.push(other.as_os_str()),
+                }
+            }
+            return out;
+        }
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
+                existing = parent;
+            }
+            // Nothing exists, not even the root: compare as written.
+            _ => return absolute,
+        }
     }
 }
 
@@ -969,6 +1061,57 @@ mod tests {
         assert_eq!(
             parse(&[]).unwrap().impersonation,
             ImpersonationConfig::default()
+        );
+    }
+
+    #[test]
+    fn a_self_signed_dir_that_resolves_to_or_into_the_cacerts_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        std::fs::create_dir(base.join("cacerts")).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(base.join("cacerts"), base.join("link")).unwrap();
+        let cacerts = base.join("cacerts");
+        let mut same = vec![
+            base.join("./cacerts"),
+            base.join("other/../cacerts"),
+            base.join("cacerts/"),
+        ];
+        #[cfg(unix)]
+        same.push(base.join("link"));
+        for dir in same {
+            let e = check_self_signed_dir(&dir, &cacerts).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("the same directory as --cacerts-dir"),
+                "{dir:?}: {e}"
+            );
+        }
+        // Inside, and not created yet.
+        let e = check_self_signed_dir(
+            &base.join("cacerts/./new/deeper"),
+            &base.join("x/../cacerts"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("inside --cacerts-dir"), "{e}");
+        // A cacerts dir that does not exist yet is resolved the same way.
+        assert!(check_self_signed_dir(&base.join("later/ss"), &base.join("./later")).is_err());
+        // Siblings are fine, even with a common name prefix.
+        check_self_signed_dir(&base.join("cacerts-self"), &cacerts).unwrap();
+        check_self_signed_dir(&base.join("self"), &cacerts).unwrap();
+    }
+
+    #[test]
+    fn self_signed_mode_is_asked_for_by_the_flag_or_a_self_signed_dir() {
+        assert!(!parse(&[]).unwrap().ca.self_signed);
+        assert!(parse(&["--self-signed"]).unwrap().ca.self_signed);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ss");
+        assert!(
+            parse(&["--self-signed-dir", dir.to_str().unwrap()])
+                .unwrap()
+                .ca
+                .self_signed
         );
     }
 }

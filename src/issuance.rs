@@ -127,9 +127,12 @@ pub fn issue(
     overrides: &LeafOverrides,
     now: OffsetDateTime,
 ) -> Result<Issued, IssueError> {
-    let lifetime = overrides
-        .lifetime
-        .map_or(lifetime(requested_secs, policy), Ok)?;
+    let lifetime = match overrides.lifetime {
+        // A `ttl:` fault shortens or lengthens the leaf, but never past
+        // --max-ttl: fault injection must not mint what policy forbids.
+        Some(d) => d.min(policy.max_ttl),
+        None => lifetime(requested_secs, policy)?,
+    };
     let signing_not_after = bundle.signing_cert().not_after;
     if now >= signing_not_after {
         return Err(IssueError::SignerExpired {

@@ -17,6 +17,8 @@
 //! - [`net`], [`limits`]: serving gRPC connections within connection, stream,
 //!   request and age limits derived from the open-file limit.
 //! - [`metrics`], [`monitoring`]: Prometheus metrics, `/ready`, `/healthz`, `/metrics`.
+//! - [`logging`]: the log queue to stderr that drops (and counts) instead of
+//!   blocking, and the refusal audit line rate.
 //! - [`controllers`]: in-cluster writers (root ConfigMap, `istiod-tls`) behind a Lease.
 //! - [`app`]: [`app::spawn`], the one way to start a server (the binary,
 //!   `plugca bench`, `testing` and the integration tests), binding every
@@ -46,6 +48,7 @@ pub mod issuance;
 pub mod jwt_issuer;
 pub mod kubernetes;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod monitoring;
 pub mod net;

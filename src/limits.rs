@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 32;
 pub const DEFAULT_REQUEST_TIMEOUT: &str = "15s";
 /// A connection older than this is sent GOAWAY and closed once its requests end.
 pub const DEFAULT_MAX_CONNECTION_AGE: &str = "1h";
+/// After a CA change every connection is sent GOAWAY at a point spread over
+/// [a sixth of this, this): [10 s, 60 s) by default.
+pub const DEFAULT_CA_CHANGE_CLOSE_WITHIN: &str = "60s";
 /// A TCP peer that has not finished TLS by then is dropped.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: &str = "5s";
 /// Cap on gRPC connections when the open-file limit allows more.
@@ -85,6 +88,13 @@ pub struct NetArgs {
     #[arg(long, env = "PLUGCA_MAX_CONNECTION_AGE", default_value = DEFAULT_MAX_CONNECTION_AGE)]
     pub max_connection_age: String,
 
+    /// After a CA change (reload, rotation) each gRPC connection is sent
+    /// GOAWAY at a point spread between a sixth of this and this, so clients
+    /// reconnect (and show their certificate to the new roots) without all
+    /// reconnecting at once.
+    #[arg(long, env = "PLUGCA_CA_CHANGE_CLOSE_WITHIN", default_value = DEFAULT_CA_CHANGE_CLOSE_WITHIN)]
+    pub ca_change_close_within: String,
+
     /// A TCP peer that has not finished the TLS handshake by then is dropped.
     #[arg(long, env = "PLUGCA_HANDSHAKE_TIMEOUT", default_value = DEFAULT_HANDSHAKE_TIMEOUT)]
     pub handshake_timeout: String,
@@ -104,6 +114,7 @@ pub struct NetConfig {
     pub max_inflight_requests: usize,
     pub request_timeout: Duration,
     pub max_connection_age: Duration,
+    pub ca_change_close_within: Duration,
     pub handshake_timeout: Duration,
     pub max_monitoring_connections: Option<usize>,
 }
@@ -172,6 +183,11 @@ impl NetArgs {
                 "PLUGCA_MAX_CONNECTION_AGE",
                 &self.max_connection_age,
             )?,
+            ca_change_close_within: positive_dur(
+                "--ca-change-close-within",
+                "PLUGCA_CA_CHANGE_CLOSE_WITHIN",
+                &self.ca_change_close_within,
+            )?,
             handshake_timeout: positive_dur(
                 "--handshake-timeout",
                 "PLUGCA_HANDSHAKE_TIMEOUT",
@@ -197,6 +213,8 @@ pub struct Limits {
     pub max_inflight_requests: usize,
     pub request_timeout: Duration,
     pub max_connection_age: Duration,
+    /// GOAWAY after a CA change falls in [this / 6, this).
+    pub ca_change_close_within: Duration,
     pub max_monitoring_connections: usize,
 }
 
@@ -230,6 +248,7 @@ impl Limits {
             max_inflight_requests: config.max_inflight_requests,
             request_timeout: config.request_timeout,
             max_connection_age: config.max_connection_age,
+            ca_change_close_within: config.ca_change_close_within,
             max_monitoring_connections,
         }
     }
@@ -314,6 +333,10 @@ mod tests {
             (&["--max-inflight-requests", "0"], "--max-inflight-requests"),
             (&["--request-timeout", "0s"], "--request-timeout"),
             (&["--max-connection-age", "soon"], "--max-connection-age"),
+            (
+                &["--ca-change-close-within", "0s"],
+                "--ca-change-close-within",
+            ),
             (&["--max-connections", "0"], "--max-connections"),
         ] {
             match config(args) {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use plugca::cli::{Cli, Command, EXIT_START, EXIT_USAGE};
 use plugca::config::LogFormat;
+use plugca::logging;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -18,10 +19,9 @@ async fn main() -> ExitCode {
         } else {
             "info"
         };
-        let _log = init_tracing(LogFormat::Text, level);
+        let _log = logging::init(LogFormat::Text, level, logging::DEFAULT_BUFFER_LINES);
         return plugca::cli::run(cli.command).await;
     };
-    let log_format = args.log_format;
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -29,8 +29,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // Flushes buffered log lines when main returns.
-    let _log = init_tracing(log_format, "info");
+    // Lines go through a bounded queue that never blocks a request; the
+    // guard writes out what is queued when main returns.
+    let _log = logging::init(config.log_format, "info", config.log_buffer_lines);
     let running = match plugca::app::spawn(&config).await {
         Ok(running) => running,
         Err(e) => {
@@ -45,27 +46,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr through a background writer so request threads do not
-/// wait on the terminal or pipe; it is not lossy (a full buffer applies
-/// backpressure), so no audit line is dropped.
-fn init_tracing(
-    format: LogFormat,
-    default_level: &str,
-) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    guard
 }

@@ -242,6 +242,7 @@ impl Metrics {
         m.controllers.register(&mut registry);
         m.net.register(&mut registry);
         m.hardening.register(&mut registry);
+        crate::logging::register(&mut registry);
         registry.register(
             "citadel_server_csr_count",
             "The number of CSRs received by Citadel server",

@@ -174,6 +174,9 @@ async fn faults_get(State(state): State<MonitoringState>) -> impl IntoResponse {
 async fn faults_put(State(state): State<MonitoringState>, body: String) -> impl IntoResponse {
     match (parse_faults(&body), state.faults) {
         (Ok(list), Some(f)) => {
+            if let Err(e) = f.check(&list) {
+                return (StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
             tracing::warn!(faults = ?list, "fault injection: global faults set");
             f.set_global(list);
             (StatusCode::OK, "ok\n".to_string())
@@ -186,6 +189,9 @@ async fn faults_put(State(state): State<MonitoringState>, body: String) -> impl 
 async fn faults_next(State(state): State<MonitoringState>, body: String) -> impl IntoResponse {
     match (parse_faults(&body), state.faults) {
         (Ok(list), Some(f)) => {
+            if let Err(e) = f.check(&list) {
+                return (StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
             f.push_next(list);
             (StatusCode::OK, "ok\n".to_string())
         }

@@ -40,13 +40,16 @@ use crate::tls::Accepted;
 /// The client connection preface every HTTP/2 connection starts with.
 const HTTP2_PREFACE_LEN: u64 = 24;
 /// After a CA change each connection is sent GOAWAY at a point spread over
-/// [MIN, MIN + SPREAD): a rotation does not make every client reconnect at
-/// once, and requests racing the swap finish first (tonic clients fail a
-/// request that is pending when GOAWAY arrives, so closing right away would
-/// turn a clean reload into errors). Requests on the old connection meanwhile
-/// are checked against the new roots by the client-certificate authenticator.
-pub const CA_CHANGE_CLOSE_MIN: Duration = Duration::from_secs(10);
-pub const CA_CHANGE_CLOSE_SPREAD: Duration = Duration::from_secs(50);
+/// [within / 6, within) (`--ca-change-close-within`, [10 s, 60 s) by
+/// default): a rotation does not make every client reconnect at once, and
+/// requests racing the swap finish first (tonic clients fail a request that is
+/// pending when GOAWAY arrives, so closing right away would turn a clean
+/// reload into errors). Requests on the old connection meanwhile are checked
+/// against the new roots by the client-certificate authenticator.
+fn ca_change_close_delay(within: Duration, jitter: u64) -> Duration {
+    let min = within / 6;
+    min + (within - min).mul_f64(fraction(jitter))
+}
 /// How often the CA pointer is compared to detect a reload.
 const CA_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Streams an HTTP/2 peer may reset or get refused before GOAWAY (h2's
@@ -382,7 +385,7 @@ async fn serve_connection(
             _ = &mut age, if !closing => Some(CloseReason::max_age),
             Ok(()) = ca_changes.changed(), if !closing && !ca_close_armed => {
                 ca_close_armed = true;
-                let delay = CA_CHANGE_CLOSE_MIN + CA_CHANGE_CLOSE_SPREAD.mul_f64(fraction(jitter));
+                let delay = ca_change_close_delay(limits.ca_change_close_within, jitter);
                 ca_close.as_mut().reset(tokio::time::Instant::now() + delay);
                 continue;
             }
@@ -511,5 +514,15 @@ mod tests {
         drop(first);
         assert!(per_ip.try_acquire(a, 2).is_some());
         assert_eq!(per_ip.count(b), 0, "released entries are removed");
+    }
+
+    #[test]
+    fn goaway_after_a_ca_change_falls_within_the_last_five_sixths_of_the_window() {
+        let within = Duration::from_secs(60);
+        assert_eq!(ca_change_close_delay(within, 0), Duration::from_secs(10));
+        for jitter in [1, u64::MAX / 3, u64::MAX / 2, u64::MAX] {
+            let d = ca_change_close_delay(within, jitter);
+            assert!(d >= Duration::from_secs(10) && d <= within, "{d:?}");
+        }
     }
 }

@@ -47,6 +47,16 @@ pub enum ReloadError {
         "{dir}: an earlier read of the CA bundle files is still blocked; not starting another until it returns"
     )]
     StillStuck { dir: String },
+    #[error(
+        "--cacerts-dir {dir}: no such directory; check the path (env ROOT_CA_DIR), or pass --self-signed to run on a generated root"
+    )]
+    CacertsDirMissing { dir: String },
+    #[error("--cacerts-dir {dir}: cannot read the directory: {reason}")]
+    CacertsDirUnreadable { dir: String, reason: String },
+    #[error(
+        "--cacerts-dir {dir}: no CA bundle here (none of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem, tls.crt); plug one in, or pass --self-signed to run on a generated root"
+    )]
+    NoBundle { dir: String },
 }
 
 /// What a reload did.
@@ -131,23 +141,37 @@ impl Reloader {
         self.generation.subscribe()
     }
 
-    /// The bundle to start with: the plugged one, else the self-signed one.
+    /// The bundle to start with: the plugged one, else, when `self_signed`
+    /// mode was asked for (`--self-signed`), the self-signed one. An
+    /// unreadable directory is an error either way; a missing or empty one
+    /// is an error unless self-signed mode was asked for (a mistyped path
+    /// must not start a CA no workload trusts).
     pub fn initial_bundle(
         dir: &std::path::Path,
-        self_signed: &SelfSignedSpec,
+        self_signed: Option<&SelfSignedSpec>,
         extra_trust_roots: Option<&std::path::Path>,
         now: OffsetDateTime,
     ) -> Result<CaBundle, ReloadError> {
+        let exists = probe_cacerts_dir(dir)?;
         let bundle = match CaBundle::load_dir(dir, now)? {
             Some(b) => b,
             None => {
+                let shown = dir.display().to_string();
+                let Some(self_signed) = self_signed else {
+                    return Err(if exists {
+                        ReloadError::NoBundle { dir: shown }
+                    } else {
+                        ReloadError::CacertsDirMissing { dir: shown }
+                    });
+                };
                 let (b, origin) = selfsigned::load_or_create(self_signed, now)?;
                 warn!(
                     dir = %dir.display(),
+                    dir_exists = exists,
                     origin = ?origin,
                     persisted_in = ?self_signed.dir,
                     root = %b.signing_cert().subject,
-                    "no plugged-in CA bundle: using a self-signed root{}",
+                    "no plugged-in CA bundle: using a self-signed root (--self-signed){}",
                     if self_signed.dir.is_none() { " kept in memory only (it changes on every start; set --self-signed-dir to keep it)" } else { "" }
                 );
                 b
@@ -397,6 +421,35 @@ impl Reloader {
             }
         })
     }
+}
+
+/// Whether the cacerts directory exists; an error when it exists but cannot
+/// be read, or holds a bundle file that cannot be looked at (a directory
+/// without search permission): those would otherwise look like "no bundle".
+fn probe_cacerts_dir(dir: &std::path::Path) -> Result<bool, ReloadError> {
+    let unreadable = |reason: String| ReloadError::CacertsDirUnreadable {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(unreadable(e.to_string())),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| unreadable(e.to_string()))?;
+        let name = entry.file_name();
+        if !crate::ca::bundle::BUNDLE_FILES.iter().any(|f| name == *f) {
+            continue;
+        }
+        if let Err(e) = std::fs::metadata(entry.path()) {
+            // A dangling Kubernetes `..data` link is reported by the load.
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(unreadable(format!("{}: {e}", name.to_string_lossy())));
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn with_extra_roots(

@@ -62,6 +62,9 @@ struct Inner {
     limiter: Arc<Semaphore>,
     /// Fault injection and the issued log; `None` serves the plain handler.
     harness: Option<Harness>,
+    /// Refusal audit lines per second (an unauthenticated flood must not
+    /// fill the log queue).
+    refusal_log: crate::logging::RefusalLogLimit,
 }
 
 /// A signed leaf and who it was issued to.
@@ -107,6 +110,7 @@ impl CertificateService {
                 metrics,
                 limiter,
                 harness: Harness::new(faults, issued_log),
+                refusal_log: Default::default(),
             }),
         }
     }
@@ -137,9 +141,15 @@ impl CertificateService {
             Err(refused) => {
                 let class = refused.error.classify();
                 self.count_refused(&refused.error, &class, elapsed);
-                let caller = refused.caller.as_ref();
-                Audit::new(request, caller, refused.ca_key_id.as_deref())
-                    .refused(&refused.error, class.status.code());
+                // Over the rate the line is counted instead of formatted.
+                if let Some(suppressed) = self.inner.refusal_log.admit(Instant::now()) {
+                    let caller = refused.caller.as_ref();
+                    Audit::new(request, caller, refused.ca_key_id.as_deref()).refused(
+                        &refused.error,
+                        class.status.code(),
+                        suppressed,
+                    );
+                }
                 Err(class.status)
             }
         }

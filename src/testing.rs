@@ -113,6 +113,11 @@ impl TestCaBuilder {
         args.push(self.trust_domain.clone());
         args.push("--cacerts-dir".into());
         args.push(cacerts.display().to_string());
+        if self.cacerts_dir.is_none() {
+            // No bundle: ask for the generated root explicitly (without it
+            // an empty cacerts directory is an error at start).
+            args.push("--self-signed".into());
+        }
         let mut jwt_key = None;
         match self.authn {
             TestAuthn::LabMode => args.push("--insecure-trust-csr-identity".into()),

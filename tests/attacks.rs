@@ -31,11 +31,23 @@ struct Child {
     grpc: SocketAddr,
     mon: SocketAddr,
     log: Arc<std::sync::Mutex<String>>,
+    /// With [`Child::start_unread`]: the stderr pipe, kept open and never read.
+    _unread: Option<tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>>,
 }
 
 impl Child {
     /// Starts the server under `ulimit -n fd_limit` when given.
     async fn start(args: &[&str], fd_limit: Option<u32>) -> Child {
+        Child::spawn(args, fd_limit, true).await
+    }
+
+    /// Starts the server with stderr connected to a pipe that nobody reads
+    /// after the `listening` line: a stalled log sink.
+    async fn start_unread(args: &[&str]) -> Child {
+        Child::spawn(args, None, false).await
+    }
+
+    async fn spawn(args: &[&str], fd_limit: Option<u32>, read_log: bool) -> Child {
         let bin = env!("CARGO_BIN_EXE_plugca");
         let mut all = vec![
             "serve",
@@ -81,20 +93,26 @@ impl Child {
             }
         };
         let log = Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(l)) = lines.next_line().await {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
-            }
-        });
+        let mut unread = None;
+        if read_log {
+            let sink = log.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(l)) = lines.next_line().await {
+                    let mut s = sink.lock().unwrap();
+                    s.push_str(&l);
+                    s.push('\n');
+                }
+            });
+        } else {
+            unread = Some(lines);
+        }
         let server = Child {
             child,
             pid,
             grpc,
             mon,
             log,
+            _unread: unread,
         };
         for _ in 0..400 {
             if try_http_get(server.mon, "/ready").await.map(|r| r.0) == Some(200) {
@@ -616,6 +634,151 @@ async fn a_thousand_monitoring_connections_under_a_1024_file_limit_starve_nothin
     server.stop().await;
 }
 
+// ------------------------------------------------------------ item 4
+
+/// Sends `count` CreateCertificate requests over `connections` connections,
+/// 16 at a time on each, with `options`; returns how many got `want`.
+async fn flood(
+    server: &Child,
+    connections: usize,
+    count: usize,
+    options: plugca::client::RequestOptions,
+    want: Result<(), tonic::Code>,
+) -> usize {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let matched = Arc::new(AtomicUsize::new(0));
+    let csr = csr(&p256(), Some(ID), CsrShape::Ztunnel);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let client = server.client().await;
+        for _ in 0..16 {
+            let (mut client, csr, options) = (client.clone(), csr.clone(), options.clone());
+            let (sent, matched) = (sent.clone(), matched.clone());
+            tasks.push(tokio::spawn(async move {
+                while sent.fetch_add(1, Ordering::Relaxed) < count {
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        request(&mut client, csr.clone(), &options),
+                    )
+                    .await;
+                    let got = match answer {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((code, _))) => Err(code),
+                        // A request that hangs: the server is stuck.
+                        Err(_) => return,
+                    };
+                    if got == want {
+                        matched.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    matched.load(Ordering::Relaxed)
+}
+
+/// Polls `/healthz` every 100 ms until `stop`; returns the slowest answer
+/// and how many probes got no 200 at all.
+fn probe_healthz(
+    mon: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Duration, usize)> {
+    tokio::spawn(async move {
+        let (mut slowest, mut failed) = (Duration::ZERO, 0);
+        while !stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            let ok = tokio::time::timeout(Duration::from_secs(5), try_http_get(mon, "/healthz"))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|(status, _)| status == 200);
+            slowest = slowest.max(started.elapsed());
+            failed += usize::from(!ok);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (slowest, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_log_sink_drops_counted_lines_and_never_blocks_health_or_issuance() {
+    let keys = JwtKeys::new();
+    let mut args = vec!["--cacerts-dir", CERTS, "--log-buffer-lines", "256"];
+    let jwt_args = keys.server_args();
+    args.extend(jwt_args.iter().map(String::as_str));
+    // stderr is a pipe nobody reads: its 64 KiB fill after a few hundred
+    // lines, then the 256-line queue.
+    let server = Child::start_unread(&args).await;
+    let token = || {
+        bearer(mint(
+            &keys.ec,
+            jsonwebtoken::Algorithm::ES256,
+            "ec-1",
+            &TokenSpec::default(),
+        ))
+    };
+    let rss_before = server.rss_kib();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = probe_healthz(server.mon, stop.clone());
+
+    // 20,000 unauthenticated refusals, one audit line each before the fix.
+    const REFUSALS: usize = 20_000;
+    let started = Instant::now();
+    let refused = flood(
+        &server,
+        4,
+        REFUSALS,
+        Default::default(),
+        Err(tonic::Code::Unauthenticated),
+    )
+    .await;
+    let flood_time = started.elapsed();
+    // 2,000 issuances: their audit lines overflow the queue.
+    const ISSUANCES: usize = 2_000;
+    let issued = flood(&server, 4, ISSUANCES, token(), Ok(())).await;
+    stop.store(true, Ordering::Relaxed);
+    let (slowest_healthz, failed_probes) = probes.await.unwrap();
+
+    let ready = tokio::time::timeout(Duration::from_secs(5), try_http_get(server.mon, "/ready"))
+        .await
+        .expect("/ready answers within 5 s");
+    let normal = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut client = server.client().await;
+        request(&mut client, csr(&p256(), None, CsrShape::Ztunnel), &token()).await
+    })
+    .await
+    .expect("an authenticated request completes within 10 s");
+    let rate_limited = server
+        .metric("plugca_log_lines_dropped_total{kind=\"refusal\",reason=\"rate_limited\"}")
+        .await;
+    let issuance_dropped = server
+        .metric("plugca_log_lines_dropped_total{kind=\"issuance\",reason=\"buffer_full\"}")
+        .await;
+    let rss_after = server.rss_kib();
+    eprintln!(
+        "item 4: {refused}/{REFUSALS} refusals in {flood_time:?}, {issued}/{ISSUANCES} issued; \
+         slowest /healthz {slowest_healthz:?}, {failed_probes} failed probes; \
+         refusal lines rate-limited {rate_limited}, issuance lines dropped {issuance_dropped}; \
+         rss before {rss_before} KiB, after {rss_after} KiB"
+    );
+    assert_eq!(refused, REFUSALS, "every refusal was answered");
+    assert_eq!(issued, ISSUANCES, "every issuance was answered");
+    assert_eq!(failed_probes, 0, "/healthz failed to answer within 5 s");
+    assert_eq!(ready.map(|r| r.0), Some(200));
+    webpki_verify(&normal.expect("an authenticated request is served"));
+    assert!(rate_limited > 0.0, "no refusal line was rate-limited");
+    assert!(issuance_dropped > 0.0, "the queue never overflowed");
+    // The queue holds at most 256 lines: memory stays flat.
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    server.stop().await;
+}
+
 // ------------------------------------------------------------ item 3
 
 use common::{
@@ -756,6 +919,122 @@ async fn connections_reaching_their_maximum_age_get_goaway_and_clients_reconnect
         )
         .await
         .unwrap(),
+    );
+    server.stop().await;
+}
+
+/// Reads frames from a raw HTTP/2 connection, answering SETTINGS and PING
+/// like a real client, until a GOAWAY arrives or `within` passes; returns
+/// the GOAWAY's error code.
+async fn wait_for_goaway(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    within: Duration,
+) -> Option<u32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut head = [0u8; 9];
+        match tokio::time::timeout(left, tls.read_exact(&mut head)).await {
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+        let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+        let mut payload = vec![0u8; len];
+        if tls.read_exact(&mut payload).await.is_err() {
+            return None;
+        }
+        match (head[3], head[4] & 0x1) {
+            (4, 0) => tls.write_all(&frame(4, 0x1, 0, &[])).await.ok()?,
+            (6, 0) => tls.write_all(&frame(6, 0x1, 0, &payload)).await.ok()?,
+            (7, _) if payload.len() >= 8 => {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_change_sends_goaway_to_open_connections_and_new_ones_are_served() {
+    let (r1, r2) = (root("root-1"), root("root-2"));
+    let i1 = intermediate(&r1, "ica-1");
+    let dir = tempfile::tempdir().unwrap();
+    write_bundle(dir.path(), &i1, &[&r1]);
+    let server = Server::start(&[
+        "--cacerts-dir",
+        dir.path().to_str().unwrap(),
+        "--insecure-trust-csr-identity",
+        "--ca-change-close-within",
+        "2s",
+    ])
+    .await;
+    // A raw HTTP/2 connection that stays open, like an idle istio-agent.
+    let tcp = TcpStream::connect(server.grpc).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for der in der_of(&server.root_pem) {
+        roots.add(der).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(plugca::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls_pki_types::ServerName::IpAddress(server.grpc.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(4, 0, 0, &[]));
+    tls.write_all(&hello).await.unwrap();
+    assert_eq!(
+        wait_for_goaway(&mut tls, Duration::from_secs(1)).await,
+        None,
+        "GOAWAY before any CA change"
+    );
+
+    // Rotation step 1: add root-2 next to root-1 (a safe change).
+    write_bundle(dir.path(), &i1, &[&r1, &r2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.ca.current().unwrap().roots().len() != 2 {
+        assert!(Instant::now() < deadline, "the new bundle was not loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let swapped = Instant::now();
+    // GOAWAY falls in [2 s / 6, 2 s) after the change; the CA pointer is
+    // polled every 500 ms.
+    let code = wait_for_goaway(&mut tls, Duration::from_secs(10)).await;
+    let after = swapped.elapsed();
+    eprintln!("item 3: GOAWAY {after:?} after the CA change, error code {code:?}");
+    assert_eq!(
+        code,
+        Some(0),
+        "no GOAWAY (NO_ERROR) within 10 s of the CA change"
+    );
+    let (_, text) = server.http_get("/metrics").await;
+    assert!(
+        metric(
+            &text,
+            "plugca_closed_connections_total{reason=\"ca_changed\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+    // A new connection is served by the new bundle.
+    let mut client = server.client().await;
+    let chain = request(
+        &mut client,
+        csr(&p256(), Some(ID), CsrShape::Ztunnel),
+        &lab(0),
+    )
+    .await
+    .unwrap();
+    webpki_verify(&chain);
+    assert!(
+        chain.last().unwrap().contains(r2.cert_pem.trim()),
+        "root-2 is in the bundle"
     );
     server.stop().await;
 }

@@ -239,3 +239,76 @@ async fn http_send(
     let text = String::from_utf8_lossy(&buf).to_string();
     (text[9..12].parse().unwrap(), text)
 }
+
+/// Issue 12, item 9: fault injection cannot mint a leaf longer than
+/// `--max-ttl`, through any of its three doors.
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_faults_never_exceed_max_ttl() {
+    // At start: a usage error naming both flags.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args([
+            "serve",
+            "--cacerts-dir",
+            CERTS,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+            "--max-ttl",
+            "1h",
+            "--fault",
+            "ttl:48h",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--fault (env PLUGCA_FAULTS): \"ttl:48h\": fault ttl:48h0m0s is longer than --max-ttl 1h0m0s"),
+        "{stderr}"
+    );
+
+    let ca = TestCa::builder()
+        .arg("--max-ttl")
+        .arg("1h")
+        .start()
+        .await
+        .unwrap();
+    // The admin endpoints refuse it (global and queued).
+    for (method, path) in [("PUT", "/faults"), ("POST", "/faults/next")] {
+        let (status, text) = http_send(ca.monitoring_addr(), method, path, "ttl:2h").await;
+        assert_eq!(status, 400, "{method} {path}: {text}");
+        assert!(text.contains("longer than --max-ttl 1h0m0s"), "{text}");
+    }
+    // The Rust API cannot be refused; the signer clamps to --max-ttl.
+    ca.faults()
+        .set_global(vec![Fault::ShortTtl(Duration::from_secs(48 * 3600))]);
+    let mut client = ca.client().await.unwrap();
+    let chain = request(
+        &mut client,
+        csr(&p256(), Some(LAB_ID), CsrShape::Ztunnel),
+        &lab(0),
+    )
+    .await
+    .unwrap();
+    let facts = leaf_facts(&chain[0]);
+    let left = facts.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        left <= 3600,
+        "the leaf lives {left} s more, past --max-ttl 1h"
+    );
+    assert!(left > 3500, "clamped to --max-ttl, not refused: {left} s");
+    // A ttl: fault within --max-ttl still shapes the leaf.
+    ca.faults()
+        .set_global(vec![Fault::ShortTtl(Duration::from_secs(600))]);
+    let chain = request(
+        &mut client,
+        csr(&p256(), Some(LAB_ID), CsrShape::Ztunnel),
+        &lab(0),
+    )
+    .await
+    .unwrap();
+    let left = leaf_facts(&chain[0]).not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((590..=600).contains(&left), "{left}");
+    ca.shutdown().await;
+}

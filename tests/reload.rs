@@ -266,6 +266,7 @@ async fn a_bundle_that_appears_after_start_replaces_the_self_signed_root() {
     let server = Server::start(&[
         "--cacerts-dir",
         dir.path().to_str().unwrap(),
+        "--self-signed",
         "--insecure-trust-csr-identity",
         "--trust-domain",
         "cluster.local",

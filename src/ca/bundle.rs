@@ -22,6 +22,10 @@ pub const ROOT_CERT: &str = "root-cert.pem";
 pub const TLS_CRT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 pub const TLS_CA: &str = "ca.crt";
+/// Every file name of either layout.
+pub const BUNDLE_FILES: &[&str] = &[
+    CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, TLS_CRT, TLS_KEY, TLS_CA,
+];
 
 /// Which file layout the bundle was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 //! The audit line of one request (`target: plugca::audit`), built once from
 //! what the handler ended with: the final caller and the CA key that signed.
+//! Issuances are logged at INFO and refusals at WARN: the log queue
+//! (`crate::logging`) tells the two kinds apart by that when it counts drops.
 
 use tonic::Request;
 use tracing::{info, warn};
@@ -43,7 +45,7 @@ impl<'a> Audit<'a> {
     pub(super) fn issued(&self, issued: &Issued, faults: usize) {
         let sans: Vec<String> = issued.sans.iter().map(ToString::to_string).collect();
         info!(
-            target: "plugca::audit",
+            target: crate::logging::AUDIT_TARGET,
             outcome = "issued",
             identity = %self.identity(),
             authn = %self.authn(),
@@ -60,9 +62,11 @@ impl<'a> Audit<'a> {
         );
     }
 
-    pub(super) fn refused(&self, error: &ServiceError, code: tonic::Code) {
+    /// `suppressed_before`: refusal lines not written (over the rate) since
+    /// the previous one that was.
+    pub(super) fn refused(&self, error: &ServiceError, code: tonic::Code, suppressed_before: u64) {
         warn!(
-            target: "plugca::audit",
+            target: crate::logging::AUDIT_TARGET,
             outcome = "refused",
             code = ?code,
             reason = %error.reason(),
@@ -71,6 +75,7 @@ impl<'a> Audit<'a> {
             cluster = %self.cluster,
             peer = %self.peer,
             ca_key_id = %self.ca_key_id.unwrap_or("-"),
+            suppressed_before,
             "CreateCertificate refused"
         );
     }

@@ -85,6 +85,25 @@ impl std::str::FromStr for Fault {
     }
 }
 
+/// Refuses a `ttl:` fault longer than `max_ttl`, naming both.
+pub fn check_ttl(faults: &[Fault], max_ttl: Option<Duration>) -> Result<(), String> {
+    let Some(max) = max_ttl else {
+        return Ok(());
+    };
+    for f in faults {
+        if let Fault::ShortTtl(d) = f
+            && *d > max
+        {
+            return Err(format!(
+                "fault ttl:{} is longer than --max-ttl {}: fault injection cannot issue what policy forbids",
+                crate::duration::format_go(*d),
+                crate::duration::format_go(max)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// gRPC code by name (`unavailable`, `UNAVAILABLE`, `resource-exhausted`) or number.
 pub fn parse_code(text: &str) -> Option<tonic::Code> {
     if let Ok(n) = text.parse::<i32>() {
@@ -103,9 +122,25 @@ pub fn parse_code(text: &str) -> Option<tonic::Code> {
 pub struct Faults {
     global: Mutex<Vec<Fault>>,
     next: Mutex<VecDeque<Vec<Fault>>>,
+    /// `--max-ttl`: the admin endpoints refuse `ttl:` faults above it (the
+    /// signer clamps them as well).
+    max_ttl: Option<Duration>,
 }
 
 impl Faults {
+    /// Faults whose `ttl:` may not exceed `max_ttl`.
+    pub fn with_max_ttl(max_ttl: Duration) -> Self {
+        Faults {
+            max_ttl: Some(max_ttl),
+            ..Faults::default()
+        }
+    }
+
+    /// Refuses a `ttl:` fault longer than `--max-ttl`.
+    pub fn check(&self, faults: &[Fault]) -> Result<(), String> {
+        check_ttl(faults, self.max_ttl)
+    }
+
     pub fn set_global(&self, faults: Vec<Fault>) {
         *self.global.lock().unwrap_or_else(|p| p.into_inner()) = faults;
     }

@@ -27,7 +27,7 @@ pub enum DiagnoseError {
     #[error("{dir}: cannot read the directory: {reason}")]
     DirUnreadable { dir: PathBuf, reason: String },
     #[error(
-        "{dir}: no CA bundle here (none of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem or tls.crt); plugca serve would run with a self-signed root"
+        "{dir}: no CA bundle here (none of ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem or tls.crt); plugca serve stops at start here unless --self-signed is given, then runs on a generated self-signed root"
     )]
     NoBundle { dir: PathBuf },
 }
@@ -171,6 +171,24 @@ pub struct ChainLink {
     pub role: &'static str,
 }
 
+/// A key file other users can read (`plugca serve` warns at start too).
+fn key_exposure(keys: &[PathBuf]) -> Vec<Problem> {
+    keys.iter()
+        .filter_map(|path| {
+            let exposure = crate::fsutil::key_exposure(path)?;
+            let name = file_name(path);
+            Some(problem(
+                Severity::Warning,
+                "key-readable-by-others",
+                Some(&name),
+                format!("{name} is readable by other users ({exposure})"),
+                Some("anyone who can read the CA key can issue certificates for every workload of the mesh; plugca serve loads it but warns at start".into()),
+                Some(format!("`chmod 600 {}` (in Kubernetes: defaultMode 0400 with the pod's fsGroup)", path.display())),
+            ))
+        })
+        .collect()
+}
+
 /// Runs every check on `dir` at `now`.
 pub fn diagnose(dir: &Path, now: OffsetDateTime) -> Result<Report, DiagnoseError> {
     std::fs::read_dir(dir).map_err(|e| DiagnoseError::DirUnreadable {
@@ -189,6 +207,12 @@ pub fn diagnose(dir: &Path, now: OffsetDateTime) -> Result<Report, DiagnoseError
         description: scan.layout.to_string(),
     };
     let files = file_reports(&scan);
+    let scan_key_files: Vec<PathBuf> = scan
+        .files
+        .iter()
+        .filter(|f| [bundle::CA_KEY, bundle::TLS_KEY].contains(&f.name))
+        .map(|f| dir.join(f.name))
+        .collect();
     let readable = scan.files.iter().all(|f| f.secret_text().is_ok());
     let mut found = if scan.missing.is_empty() && readable {
         let layout = scan.layout;
@@ -200,6 +224,7 @@ pub fn diagnose(dir: &Path, now: OffsetDateTime) -> Result<Report, DiagnoseError
     } else {
         partial(&scan, now)
     };
+    found.problems.extend(key_exposure(&scan_key_files));
     found.problems.sort_by_key(|p| p.severity);
     let healthy = !found.problems.iter().any(|p| p.severity == Severity::Error);
     Ok(Report {
@@ -720,10 +745,10 @@ fn explain(e: &BundleError, ctx: &Context) -> Problem {
             "incomplete-bundle",
             None,
             Some(format!(
-                "istiod refuses a partial bundle too (\"incomplete signing CA bundle detected\"); with none of {needed} present, plugca and istiod would run a self-signed CA instead"
+                "istiod refuses a partial bundle too (\"incomplete signing CA bundle detected\"); with none of {needed} present, istiod would run a self-signed CA instead, and plugca only with --self-signed"
             )),
             format!(
-                "add the missing file(s) ({}) — a cacerts secret needs all of {needed}, e.g. `kubectl create secret generic cacerts -n istio-system --from-file=ca-cert.pem --from-file=ca-key.pem --from-file=root-cert.pem --from-file=cert-chain.pem` — or remove the others to run with a self-signed root",
+                "add the missing file(s) ({}) — a cacerts secret needs all of {needed}, e.g. `kubectl create secret generic cacerts -n istio-system --from-file=ca-cert.pem --from-file=ca-key.pem --from-file=root-cert.pem --from-file=cert-chain.pem` — or remove the others and pass --self-signed to run with a self-signed root",
                 missing.trim_end_matches(" is").trim_end_matches(" are")
             ),
         ),
