@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{SAMPLES, cacerts_from_samples, sample_alt_set, sample_set1};
+use common::{SAMPLES, cacerts_from_samples, private_if_key, sample_alt_set, sample_set1};
 use plugca::ca::generate::{self, CaSpec, GeneratedCa, KeyChoice};
 use time::{Duration, OffsetDateTime};
 
@@ -104,6 +104,7 @@ fn plugca(args: &[&str]) {
 
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
+    private_if_key(&dir.join(name));
 }
 
 fn spec(cn: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> CaSpec {

@@ -36,8 +36,19 @@ pub fn cacerts_from_samples(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (dest, src) in files {
         std::fs::copy(format!("{SAMPLES}/{src}"), dir.path().join(dest)).unwrap();
+        private_if_key(&dir.path().join(dest));
     }
     dir
+}
+
+/// Key files get mode 0600 as a deployed bundle has them (a checkout's
+/// 0644 would make plugca and doctor warn about a readable key).
+pub fn private_if_key(path: &Path) {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    if name.ends_with("key.pem") || name == "tls.key" {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 }
 
 pub fn sample_set1() -> tempfile::TempDir {
@@ -488,6 +499,7 @@ pub fn write_cacerts(dir: &Path, ca_cert: &str, ca_key: &str, cert_chain: &str, 
         ("root-cert.pem", root_cert),
     ] {
         std::fs::write(dir.join(name), contents).unwrap();
+        private_if_key(&dir.join(name));
     }
 }
 
