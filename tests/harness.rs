@@ -244,8 +244,9 @@ async fn http_send(
 /// `--max-ttl`, through any of its three doors.
 #[tokio::test(flavor = "multi_thread")]
 async fn ttl_faults_never_exceed_max_ttl() {
-    // At start: a usage error naming both flags.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plugca"))
+    // At start: a usage error naming both flags (a server that starts
+    // instead is killed after 30 s and fails the test).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_plugca"))
         .args([
             "serve",
             "--cacerts-dir",
@@ -259,10 +260,25 @@ async fn ttl_faults_never_exceed_max_ttl() {
             "--fault",
             "ttl:48h",
         ])
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("plugca serve started with a ttl: fault past --max-ttl");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(64), "{stderr}");
     assert!(
         stderr.contains("--fault (env PLUGCA_FAULTS): \"ttl:48h\": fault ttl:48h0m0s is longer than --max-ttl 1h0m0s"),
         "{stderr}"
