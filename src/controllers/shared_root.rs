@@ -111,7 +111,8 @@ pub enum SharedRootError {
     #[error("--self-signed-secret {secret}: {error}")]
     Generate {
         secret: SecretRef,
-        error: SelfSignedError,
+        // Boxed: the rest of the enum is a few strings.
+        error: Box<SelfSignedError>,
     },
 }
 
@@ -164,7 +165,7 @@ impl SharedRoot {
         let (generated, _) = selfsigned::load_or_create(&in_memory, now).map_err(|error| {
             SharedRootError::Generate {
                 secret: self.secret.clone(),
-                error,
+                error: Box::new(error),
             }
         })?;
         if self.create(&generated).await? {
@@ -456,6 +457,34 @@ mod tests {
                 .to_string();
             assert!(e.starts_with(want), "want {want}\n got {e}");
         }
+        // An intermediate is not a self-signed root: it belongs in --cacerts-dir.
+        let spec = |cn: &str| crate::ca::generate::CaSpec {
+            organization: Some("cluster.local".into()),
+            common_name: Some(cn.into()),
+            locality: None,
+            not_before: now - time::Duration::minutes(5),
+            not_after: now + time::Duration::days(30),
+            path_len: None,
+            dns_sans: Vec::new(),
+        };
+        let key = || crate::ca::generate::generate_key(KeyChoice::P256).unwrap();
+        let root = crate::ca::generate::self_signed_root(&spec("root"), key()).unwrap();
+        let ica = crate::ca::generate::intermediate(&spec("ica"), key(), &root.cert_der, &root.key)
+            .unwrap();
+        let mut data = with(CA_CERT_KEY, ica.cert_pem.as_bytes());
+        data.insert(
+            CA_KEY_KEY.into(),
+            ByteString(ica.key.secret_pkcs8_pem().as_bytes().to_vec()),
+        );
+        let e = bundle_from_data(&secret(), &data, now)
+            .err()
+            .expect("an intermediate was accepted as the shared root")
+            .to_string();
+        assert!(
+            e.starts_with("--self-signed-secret istio-system/plugca-root: Secret key ca-cert.pem"),
+            "{e}"
+        );
+
         // The mismatched key says so.
         let e = bundle_from_data(&secret(), &with(CA_KEY_KEY, &other[CA_KEY_KEY].0), now)
             .err()
