@@ -500,7 +500,8 @@ fn log_plugged(config: &Config, bundle: &CaBundle) {
 fn shared_root(config: &Config, clusters: Option<&Clusters>) -> Option<SharedRoot> {
     let secret = config.ca.self_signed_secret.clone()?;
     let (_, client) = clusters?.resolve(None).ok()?;
-    Some(SharedRoot::new(client.clone(), secret))
+    let timeout = config.authn.kubernetes.as_ref()?.api_timeout;
+    Some(SharedRoot::new(client.clone(), secret, timeout))
 }
 
 /// [`load_ca`] with the self-signed root kept in a Secret all replicas

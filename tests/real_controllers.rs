@@ -1273,6 +1273,7 @@ async fn two_replicas_started_at_once_on_one_self_signed_secret_share_one_root()
         let shared_root = SharedRoot::new(
             kube::Client::try_from(config).unwrap(),
             SecretRef::parse(&shared).unwrap(),
+            Duration::from_secs(10),
         );
         let now = time::OffsetDateTime::now_utc();
         let spec = plugca::ca::selfsigned::SelfSignedSpec {
@@ -1353,6 +1354,19 @@ async fn two_replicas_started_at_once_on_one_self_signed_secret_share_one_root()
         fingerprint(dir.path(), &recreated),
         fingerprint(dir.path(), &replacement.cert_pem)
     );
+    // Counted where it was written: one replica re-created it, the other got 409.
+    let mut recreations = 0;
+    for p in [&a, &b] {
+        if let Some(line) = p
+            .metric(
+                r#"plugca_controller_writes_total{controller="self_signed_secret",kind="create"}"#,
+            )
+            .await
+        {
+            recreations += line.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    assert_eq!(recreations, 1, "re-created once, counted once");
     for p in [&a, &b] {
         let bad: Vec<String> = p
             .log_text()

@@ -35,7 +35,7 @@ use tracing::{error, info, instrument, warn};
 
 use crate::ca::bundle::{BundleFiles, CaBundle, Layout};
 use crate::ca::selfsigned::{self, SelfSignedError, SelfSignedSpec};
-use crate::controllers::metrics::{Controller, ControllerMetrics, ErrorKind, ErrorLabels};
+use crate::controllers::metrics::{Controller, ControllerMetrics, ErrorKind, WriteKind};
 use crate::controllers::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, stopped};
 use crate::reload::Reloader;
 
@@ -132,13 +132,18 @@ pub enum Origin {
 pub struct SharedRoot {
     api: Api<Secret>,
     secret: SecretRef,
+    /// Longest wait for one API call (`--kube-api-timeout`): the clients
+    /// have no read timeout (watches are long polls), and a start must not
+    /// hang on an apiserver that accepts but never answers.
+    timeout: Duration,
 }
 
 impl SharedRoot {
-    pub fn new(client: Client, secret: SecretRef) -> SharedRoot {
+    pub fn new(client: Client, secret: SecretRef, timeout: Duration) -> SharedRoot {
         SharedRoot {
             api: Api::namespaced(client, &secret.namespace),
             secret,
+            timeout,
         }
     }
 
@@ -185,10 +190,9 @@ impl SharedRoot {
 
     /// The Secret's root, checked; `None` when there is no Secret.
     pub async fn read(&self, now: OffsetDateTime) -> Result<Option<CaBundle>, SharedRootError> {
-        let secret = self
-            .api
-            .get_opt(&self.secret.name)
+        let secret = tokio::time::timeout(self.timeout, self.api.get_opt(&self.secret.name))
             .await
+            .map_err(|_| self.no_answer("get"))?
             .map_err(|e| self.api_error("get", e))?;
         secret
             .map(|s| bundle_from_data(&self.secret, &s.data.unwrap_or_default(), now))
@@ -198,14 +202,23 @@ impl SharedRoot {
     /// Creates the Secret holding `bundle`'s root and key. `false`: it
     /// already existed (409), nothing was written.
     pub async fn create(&self, bundle: &CaBundle) -> Result<bool, SharedRootError> {
-        match self
-            .api
-            .create(&PostParams::default(), &secret_for(&self.secret, bundle))
+        let (secret, params) = (secret_for(&self.secret, bundle), PostParams::default());
+        let create = self.api.create(&params, &secret);
+        match tokio::time::timeout(self.timeout, create)
             .await
+            .map_err(|_| self.no_answer("create"))?
         {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(self.api_error("create", e)),
+        }
+    }
+
+    fn no_answer(&self, verb: &'static str) -> SharedRootError {
+        SharedRootError::Api {
+            secret: self.secret.clone(),
+            verb,
+            reason: format!("no answer from the API server within {:?}", self.timeout),
         }
     }
 
@@ -312,13 +325,7 @@ pub async fn keep_in_sync(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let error = |e: &SharedRootError| {
-        metrics
-            .errors
-            .get_or_create(&ErrorLabels {
-                controller: Controller::self_signed_secret,
-                kind: ErrorKind::watch,
-            })
-            .inc();
+        metrics.failed(Controller::self_signed_secret, ErrorKind::watch);
         error!(error = %e, "shared self-signed root: the serving root stays");
     };
     loop {
@@ -350,7 +357,8 @@ pub async fn keep_in_sync(
             Ok(None) => {
                 warn!(secret = %shared.secret, "the shared self-signed root's Secret is gone: re-creating it with the root serving now");
                 match shared.create(&current).await {
-                    Ok(_) => {}
+                    Ok(true) => metrics.wrote(Controller::self_signed_secret, WriteKind::create),
+                    Ok(false) => {}
                     Err(e) => error(&e),
                 }
             }
@@ -477,8 +485,7 @@ mod tests {
             ByteString(ica.key.secret_pkcs8_pem().as_bytes().to_vec()),
         );
         let e = bundle_from_data(&secret(), &data, now)
-            .err()
-            .expect("an intermediate was accepted as the shared root")
+            .expect_err("an intermediate was accepted as the shared root")
             .to_string();
         assert!(
             e.starts_with("--self-signed-secret istio-system/plugca-root: Secret key ca-cert.pem"),
