@@ -1769,3 +1769,49 @@ async fn the_chart_with_every_feature_on_applies_for_real_and_runs_with_its_flag
     );
     delete_secret(lab, SECRET);
 }
+
+#[test]
+fn several_replicas_without_a_shared_root_refuse_to_start_and_name_both_ways_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--cacerts-dir",
+            dir.path().to_str().unwrap(),
+            "--replicas",
+            "2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = kube_lab::wait_bounded(child, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for way_out in [
+        "--replicas 2 (env PLUGCA_REPLICAS) with no plugged-in CA bundle",
+        "plug the same cacerts bundle into every replica",
+        "--self-signed-secret <namespace>/<name>",
+    ] {
+        assert!(stderr.contains(way_out), "{way_out:?} not in:\n{stderr}");
+    }
+    // And the flag needs Kubernetes access (a usage error, exit 64).
+    let out = Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args(["serve", "--self-signed-secret", "istio-system/plugca-root"])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--self-signed-secret needs Kubernetes API access"),
+        "{stderr}"
+    );
+}
