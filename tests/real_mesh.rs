@@ -637,6 +637,15 @@ impl Sidecar {
             .count()
     }
 
+    /// The broken streams the downstream client of its current run saw.
+    fn xds_errors(&self) -> usize {
+        std::fs::read_to_string(self.dir.join(format!("xds-{}.log", self.xds_runs)))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(r#""event":"xds-error""#))
+            .count()
+    }
+
     fn leaf(&self) -> Option<String> {
         let text = std::fs::read_to_string(self.dir.join("out/cert-chain.pem")).ok()?;
         pem_blocks(&text).into_iter().next()
@@ -1149,6 +1158,41 @@ async fn istiod_and_sidecars_run_on_plugca_through_a_ca_rotation() {
         );
         assert!(holds(&s.written_roots(), &r2), "{}: agent roots", s.pod);
     }
+    // The control: a sidecar left trusting only the retired root cannot
+    // reach istiod any more (the agent verifies istiod with the mounted root),
+    // and the current ConfigMap brings it back.
+    let stale = &mut sidecars[0];
+    project(
+        &stale.roots_dir(),
+        &[("root-cert.pem", r1.cert_pem.as_bytes())],
+    );
+    wait_for(
+        STEP,
+        "control: a sidecar trusting only the retired root is refused by istiod's TLS",
+        || {
+            stale.start_xds(lab);
+            std::thread::sleep(Duration::from_secs(3));
+            (stale.xds_errors() > 0 && stale.xds_responses() == 0).then_some(())
+        },
+    );
+    let refusal = std::fs::read_to_string(stale.dir.join(format!("xds-{}.log", stale.xds_runs)))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains(r#""event":"xds-error""#))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("control: what the stale sidecar's downstream saw: {refusal}");
+    stale.project_roots(lab);
+    wait_for(
+        STEP,
+        "control: with the current ConfigMap it connects again",
+        || {
+            stale.start_xds(lab);
+            std::thread::sleep(Duration::from_secs(2));
+            (stale.xds_responses() > 0).then_some(())
+        },
+    );
+    expect_connected(&istiod, &sidecars, "control: every sidecar connected");
     let issued = assert_no_failed_calls(&server, "after retiring the first root").await;
     let (_, metrics) = server.http_get("/metrics").await;
     let reloads: Vec<&str> = metrics
