@@ -17,6 +17,7 @@
 #   XDS proxy keeps a real stream to istiod (its TLS, its token);
 # - cluster DNS: CA_ADDR and the discovery address are localhost:<port> (Istio's clients then check the name
 #   istiod.istio-system.svc); the injection webhook is a url webhook https://localhost:<port>/inject.
+# The agents' SECRET_TTL is $LAB_SECRET_TTL (default 5m: they renew every 2.5 min).
 # Tools: $PLUGCA_INTEROP_BIN if set, else interop/tools.sh builds what is missing. Every wait is bounded
 # (LAB_TIMEOUT seconds, default 90). All pids are in STATE_DIR/pids.
 set -Eeuo pipefail

@@ -159,7 +159,17 @@ fn http(port: u16, path: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-/// Polls `check` every 250 ms at most `limit`; returns the value and how long it took.
+/// The whole test's budget: every wait also ends when it is spent, so the
+/// test takes at most this long however many steps hang (about 90 s normally).
+const TOTAL: Duration = Duration::from_secs(600);
+
+fn test_started() -> Instant {
+    static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(Instant::now)
+}
+
+/// Polls `check` every 250 ms at most `limit` (and within the test's
+/// [`TOTAL`] budget); returns the value and how long it took.
 fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
     let started = Instant::now();
     loop {
@@ -169,6 +179,10 @@ fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>
             return (v, took);
         }
         assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        assert!(
+            test_started().elapsed() < TOTAL,
+            "{what}: the test's {TOTAL:?} budget is spent"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -757,7 +771,7 @@ async fn istiod_and_sidecars_run_on_plugca_through_a_ca_rotation() {
     };
     let Some(istio) = istio_source() else { return };
     let Some(lab) = kube_lab::lab() else { return };
-    let test_started = Instant::now();
+    let test_started = test_started();
     let work = tempfile::Builder::new()
         .prefix("plugca-mesh-")
         .tempdir()
