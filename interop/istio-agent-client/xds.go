@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -51,6 +52,8 @@ func runXDS(args []string) {
 	serviceAccount := fs.String("service-account", envOr("SERVICE_ACCOUNT", "default"), "SERVICE_ACCOUNT: node metadata SERVICE_ACCOUNT")
 	clusterID := fs.String("cluster-id", envOr("ISTIO_META_CLUSTER_ID", "Kubernetes"), "ISTIO_META_CLUSTER_ID: node metadata CLUSTER_ID")
 	ip := fs.String("ip", "127.0.0.1", "INSTANCE_IP: part of the node id")
+	istioVersion := fs.String("istio-version", istioModuleVersion(),
+		"node metadata ISTIO_VERSION, as the agent's bootstrap sends it (default: the istio.io/istio version this is built with)")
 	typeURL := fs.String("type", "type.googleapis.com/envoy.config.cluster.v3.Cluster", "the resource type to subscribe to")
 	_ = fs.Parse(args)
 
@@ -60,6 +63,7 @@ func runXDS(args []string) {
 		"CLUSTER_ID":      *clusterID,
 		"NAME":            *pod,
 		"INSTANCE_IPS":    *ip,
+		"ISTIO_VERSION":   *istioVersion,
 	})
 	if err != nil {
 		emitXDS(xdsEvent{Event: "fatal", Error: err.Error()})
@@ -116,4 +120,17 @@ func xdsStream(ctx context.Context, ads discovery.AggregatedDiscoveryServiceClie
 			return err
 		}
 	}
+}
+
+// istioModuleVersion is the istio.io/istio version in this binary's build info (the one pinned in
+// interop/versions.env, which pilot-agent's bootstrap reports for itself).
+func istioModuleVersion() string {
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, dep := range info.Deps {
+			if dep.Path == "istio.io/istio" {
+				return dep.Version
+			}
+		}
+	}
+	return ""
 }
