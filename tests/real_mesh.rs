@@ -262,6 +262,33 @@ async fn assert_no_failed_calls(server: &Server, when: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Whether the built istio-agent-client has its `xds` mode (a binary built
+/// before it would run its certificate mode instead): `xds -h` must print
+/// the mode's flags and exit within 10 s.
+fn client_has_xds_mode(bin: &Path) -> Option<()> {
+    let mut child = Command::new(bin.join("istio-agent-client"))
+        .args(["xds", "-h"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    if String::from_utf8_lossy(&out.stderr).contains("-uds") {
+        Some(())
+    } else {
+        kube_lab::missing(&format!(
+            "{}/istio-agent-client has no xds mode (built from older source: run interop/tools.sh istio-agent-client)",
+            bin.display()
+        ))
+    }
+}
+
 // ------------------------------------------------------------ the chart
 
 /// `helm template` of Istio's istiod chart with the values the docs recommend,
@@ -766,7 +793,10 @@ impl Bundle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn istiod_and_sidecars_run_on_plugca_through_a_ca_rotation() {
-    let Some(_) = kube_lab::tools(TOOLS) else {
+    let Some(bin) = kube_lab::tools(TOOLS) else {
+        return;
+    };
+    let Some(()) = client_has_xds_mode(&bin) else {
         return;
     };
     let Some(istio) = istio_source() else { return };
