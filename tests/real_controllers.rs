@@ -1784,6 +1784,9 @@ fn several_replicas_without_a_shared_root_refuse_to_start_and_name_both_ways_out
         .args([
             "--cacerts-dir",
             dir.path().to_str().unwrap(),
+            // Self-signed mode asked for (without it an empty cacerts
+            // directory is refused before the replica check).
+            "--self-signed",
             "--replicas",
             "2",
         ])
