@@ -32,6 +32,7 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_TOKEN_AUDIENCES: &str = "istio-ca";
 pub const DEFAULT_KUBE_API_TIMEOUT: &str = "5s";
 pub const DEFAULT_TOKEN_REVIEW_CACHE_TTL: &str = "60s";
+pub const DEFAULT_NODE_AUTHZ_MAX_STALENESS: &str = "30s";
 
 /// Flags of `plugca serve`. Each can also be set from the environment variable shown.
 #[derive(Debug, Clone, Args)]
@@ -200,6 +201,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PLUGCA_IMPERSONATION_POLICY")]
     pub impersonation_policy: Option<PathBuf>,
 
+    /// How long node authorization may keep answering from the last known
+    /// pods while a cluster's pod watch fails. Past it, impersonation there
+    /// gets UNAVAILABLE (clients retry) until the watch has re-listed.
+    #[arg(long, env = flag::NODE_AUTHZ_MAX_STALENESS.env, default_value = DEFAULT_NODE_AUTHZ_MAX_STALENESS)]
+    pub node_authz_max_staleness: String,
+
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -254,10 +261,23 @@ pub struct JwtRuleConfig {
 
 /// Who may impersonate, and what checks the targets. With Kubernetes access,
 /// node authorization always applies; the policy file, if any, narrows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImpersonationConfig {
     pub trusted_node_accounts: Vec<NodeAccount>,
     pub policy_file: Option<PathBuf>,
+    /// `--node-authz-max-staleness`.
+    pub node_authz_max_staleness: Duration,
+}
+
+impl Default for ImpersonationConfig {
+    fn default() -> Self {
+        ImpersonationConfig {
+            trusted_node_accounts: Vec::new(),
+            policy_file: None,
+            node_authz_max_staleness: duration::parse(DEFAULT_NODE_AUTHZ_MAX_STALENESS)
+                .expect("the default is a valid duration"),
+        }
+    }
 }
 
 /// Validated server configuration, grouped by the part of the server that
@@ -464,6 +484,10 @@ mod flag {
         Flag::new("--trust-domain-aliases", "PLUGCA_TRUST_DOMAIN_ALIASES");
     pub(super) const TOKEN_REVIEW_CACHE_TTL: Flag =
         Flag::new("--token-review-cache-ttl", "PLUGCA_TOKEN_REVIEW_CACHE_TTL");
+    pub(super) const NODE_AUTHZ_MAX_STALENESS: Flag = Flag::new(
+        "--node-authz-max-staleness",
+        "PLUGCA_NODE_AUTHZ_MAX_STALENESS",
+    );
 
     #[cfg(test)]
     pub(super) const ALL: &[Flag] = &[
@@ -488,6 +512,7 @@ mod flag {
         TRUSTED_NODE_ACCOUNTS,
         TRUST_DOMAIN_ALIASES,
         TOKEN_REVIEW_CACHE_TTL,
+        NODE_AUTHZ_MAX_STALENESS,
     ];
 }
 
@@ -639,6 +664,8 @@ impl ServeArgs {
         Ok(ImpersonationConfig {
             trusted_node_accounts,
             policy_file: self.impersonation_policy.clone(),
+            node_authz_max_staleness: flag::NODE_AUTHZ_MAX_STALENESS
+                .positive_duration(&self.node_authz_max_staleness)?,
         })
     }
 
@@ -970,5 +997,26 @@ mod tests {
             parse(&[]).unwrap().impersonation,
             ImpersonationConfig::default()
         );
+    }
+
+    #[test]
+    fn node_authorization_trusts_a_failing_pod_watch_for_thirty_seconds_by_default() {
+        let c = parse(&[]).unwrap().impersonation;
+        assert_eq!(c.node_authz_max_staleness, Duration::from_secs(30));
+        let c = parse(&["--node-authz-max-staleness", "5s"])
+            .unwrap()
+            .impersonation;
+        assert_eq!(c.node_authz_max_staleness, Duration::from_secs(5));
+        for bad in ["0s", "soon"] {
+            let e = parse(&["--node-authz-max-staleness", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "--node-authz-max-staleness (env PLUGCA_NODE_AUTHZ_MAX_STALENESS): \"{bad}\""
+                )),
+                "{e}"
+            );
+        }
     }
 }
