@@ -11,7 +11,9 @@
       point sidecars and ztunnel at plugca, turn istiod's CA off and mount
       istiod-tls and istio-ca-root-cert
   check-manifests.py flags RENDERED.yaml SRC_DIR
-      every flag passed is a clap `long` field in SRC_DIR or a known controller flag
+      every flag passed is a flag of `plugca serve` declared in SRC_DIR: a clap
+      `long` field of ServeArgs or a struct it flattens, or an entry of
+      src/config.rs' `mod flag` table
 
 Exits 1 with one line per difference; prints one line per check passed.
 """
@@ -22,8 +24,8 @@ import sys
 
 import yaml
 
-# Flags of the controller work (issue #10), named by the lead; not in src/
-# yet. Once they are, the check finds them there and stops noting them.
+# The in-cluster controllers' flags (src/controllers/args.rs): the minimal
+# render must pass none of them.
 CONTROLLER_FLAGS = {
     "root-configmap",
     "root-configmap-namespace-selector",
@@ -220,11 +222,15 @@ def features(which, path):
            f"{which}: over-broad grants: {bad}")
 
     vols = {v["name"]: v for v in pod["volumes"]}
-    if which in ("default", "all"):
+    if which == "default":
         s = vols["cacerts"].get("secret", {})
         expect(s.get("defaultMode") == 0o400 and s.get("optional") is False,
                f"{which}: cacerts Secret mounted with mode 0400, not optional",
                f"{which}: cacerts volume is {vols['cacerts']}")
+        expect(("Role", "plugca-self-signed") not in kinds and "--self-signed-secret" not in flags,
+               f"{which}: plugged CA, no self-signed Secret (flag or Role)",
+               f"{which}: self-signed Secret configured next to the plugged CA: {sorted(kinds)}")
+    if which in ("default", "all"):
         expect(dep["spec"]["replicas"] >= 2 and ("PodDisruptionBudget", "plugca") in kinds,
                f"{which}: {dep['spec']['replicas']} replicas with a PodDisruptionBudget",
                f"{which}: replicas {dep['spec']['replicas']}, kinds {sorted(kinds)}")
@@ -261,9 +267,21 @@ def features(which, path):
                   "--root-configmap-exclude-namespaces", "--extra-trust-roots",
                   "--max-concurrent-signs", "--allow-root-replacement"):
             expect(f in flags, f"all: passes {f}", f"all: does not pass {f}")
-        expect(("ServiceMonitor", "plugca") in kinds and ("Role", "plugca-self-signed") not in kinds,
-               "all: ServiceMonitor, and no self-signed Secret role (not supported yet)",
+        expect(("ServiceMonitor", "plugca") in kinds, "all: ServiceMonitor",
                f"all: kinds are {sorted(kinds)}")
+        # The shared self-signed root: flag, no cacerts Secret, and a Role
+        # granting get on that one Secret plus create (never by name).
+        ss = [a.split("=", 1)[1] for a in args if a.startswith("--self-signed-secret=")]
+        expect(ss == ["istio-system/plugca-root-east"] and "emptyDir" in vols["cacerts"],
+               "all: --self-signed-secret=istio-system/plugca-root-east on an empty cacerts dir",
+               f"all: --self-signed-secret {ss}, cacerts volume {vols['cacerts']}")
+        roles_ns = {(d["kind"], d["metadata"]["name"]): d["metadata"].get("namespace") for d in docs}
+        ssr = flat_rules(rules(docs, "Role", "plugca-self-signed"))
+        expect(ssr == {("", "secrets", "get", "plugca-root-east"), ("", "secrets", "create", "*")}
+               and roles_ns.get(("Role", "plugca-self-signed")) == "istio-system"
+               and ("RoleBinding", "plugca-self-signed") in kinds,
+               "all: Role plugca-self-signed in istio-system: get Secret plugca-root-east by name, plus create",
+               f"all: plugca-self-signed Role grants {sorted(ssr)} in {roles_ns.get(('Role', 'plugca-self-signed'))}")
         # No offline schema for the Prometheus operator's CRD: check what matters.
         sm = next((d for d in docs if d["kind"] == "ServiceMonitor"), None)
         svc = next(d for d in docs if d["kind"] == "Service")
@@ -287,7 +305,7 @@ def features(which, path):
         expect(roles == {"plugca"}, "minimal: no other Role or ClusterRole",
                f"minimal: roles are {sorted(roles)}")
         expect(not (flags & {"--" + f for f in CONTROLLER_FLAGS})
-               and "--trusted-node-accounts" not in flags,
+               and "--trusted-node-accounts" not in flags and "--self-signed-secret" not in flags,
                "minimal: no controller or node-authorization flags",
                f"minimal: flags are {sorted(flags)}")
         expect("emptyDir" in vols["cacerts"] and ("PodDisruptionBudget", "plugca") not in kinds,
@@ -304,12 +322,23 @@ def struct_body(src_dir, name):
     return ""
 
 
+def flag_table(src_dir):
+    """Flags of src/config.rs' `mod flag` table: Flag::new("--name", "ENV")."""
+    path = pathlib.Path(src_dir) / "config.rs"
+    text = path.read_text() if path.is_file() else ""
+    return set(re.findall(r'Flag::new\(\s*"--([a-z0-9-]+)"', text))
+
+
 def known_flags(src_dir, struct="ServeArgs"):
     """Long flags of `plugca serve`: clap `long` fields of ServeArgs and of the
-    structs it flattens (e.g. the controllers' args), wherever they live in src/."""
+    structs it flattens (e.g. the controllers' args), wherever they live in
+    src/, whether the attribute is on one line or spread over several."""
     names = set()
     body = struct_body(src_dir, struct)
-    pattern = r"#\[(arg|command)\(([^\n]*)\)\]\s*(?:#\[[^\n]*\]\s*)*pub (\w+):\s*([\w:]+)"
+    # An attribute may span lines (rustfmt breaks long ones); `(?:[^()]|\([^()]*\))*`
+    # keeps one nesting level of parentheses (e.g. `default_value_t = f()`).
+    pattern = (r"#\[(arg|command)\(((?:[^()]|\([^()]*\))*)\)\]\s*"
+               r"(?:#\[[^\n]*\]\s*)*pub (\w+):\s*([\w:]+)")
     for m in re.finditer(pattern, body):
         kind, attrs, field, ty = m.groups()
         if kind == "command" and "flatten" in attrs:
@@ -321,7 +350,14 @@ def known_flags(src_dir, struct="ServeArgs"):
 
 
 def check_flags(path, src_dir):
-    known = known_flags(src_dir)
+    clap = known_flags(src_dir)
+    table = flag_table(src_dir)
+    # The table names flags whose errors config.rs words; each must also be a
+    # clap flag (the config test every_flag_an_error_names_is_a_serve_flag_with_that_env
+    # checks the same from Rust).
+    for f in sorted(table - clap):
+        fail(f"--{f} is in src/config.rs' flag table but is not a clap flag of plugca serve")
+    known = clap | table
     if not any(d["kind"] == "Deployment" for d in load(path)):
         fail(f"{path} has no Deployment")
         return
@@ -332,14 +368,11 @@ def check_flags(path, src_dir):
             if not a.startswith("--"):
                 continue
             f = a[2:].split("=", 1)[0]
-            if f in known:
-                continue
-            if f in CONTROLLER_FLAGS:
-                print(f"note: --{f} is a controller flag, not in {src_dir} yet")
-                continue
-            fail(f"--{f} is neither in {src_dir} nor a known controller flag")
+            if f not in known:
+                fail(f"--{f} is passed but is not a flag of plugca serve in {src_dir}")
     if not failures:
-        print(f"ok: every flag exists in {src_dir} ({len(known)} flags) or is a controller flag")
+        print(f"ok: every flag passed is a flag of plugca serve in {src_dir} "
+              f"({len(known)} flags, {len(table)} in the config.rs flag table)")
 
 
 def istio(istiod_path, ztunnel_path, ca_address):

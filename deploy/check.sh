@@ -2,12 +2,15 @@
 # Validates the Helm chart (deploy/charts/plugca) and the kustomize base
 # (deploy/kubernetes) offline:
 #   - helm lint --strict, with default values and with every feature on;
-#   - helm template with default, every-feature and minimal values, and the
-#     kustomize base, each through kubernetes-validate --strict;
-#   - settings the chart must refuse (replicas without a shared root, a grace
-#     period shorter than the drain, unknown values) fail to render;
-#   - the chart's default render equals the kustomize base, and
-#     deploy/rbac/plugca-rbac.yaml equals the chart's base RBAC;
+#   - helm template with default, every-feature, minimal and shared
+#     self-signed root values, the kustomize base and its self-signed overlay
+#     (deploy/kubernetes-self-signed), each through kubernetes-validate --strict;
+#   - settings the chart must refuse (replicas without a shared root, both a
+#     plugged CA and a self-signed Secret, a grace period shorter than the
+#     drain, unknown values) fail to render;
+#   - the chart's default render equals the kustomize base, the chart on a
+#     self-signed Secret equals the overlay, and deploy/rbac/plugca-rbac.yaml
+#     equals the chart's base RBAC;
 #   - RBAC, flags and pod hardening per feature set (deploy/check-manifests.py).
 #
 # Needs helm ($HELM, else helm on PATH) and kubectl (kustomize). Installs
@@ -88,7 +91,7 @@ render() { # render OUTFILE [helm args...]
   "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version "$KUBE_VERSION" "$@" >"$out"
 }
 
-kustomize() { "$KUBECTL" kustomize deploy/kubernetes >"$1"; }
+kustomize() { "$KUBECTL" kustomize "${2:-deploy/kubernetes}" >"$1"; }
 
 validate() { # validate VERSION FILE: kubernetes-validate --strict (an empty file is a failure)
   grep -q '^kind:' "$2" || { echo "$2: no objects"; return 1; }
@@ -112,6 +115,9 @@ must_fail() {
 echo "helm $("$HELM" version --short), kubernetes-validate $KV_VERSION, render for $KUBE_VERSION, schemas ${VALIDATE_VERSIONS[*]}"
 
 ALL=$CHART/ci/all-features-values.yaml
+# What deploy/kubernetes-self-signed says: the default values on a shared
+# self-signed root instead of the cacerts Secret.
+SELF_SIGNED=(--set app.tls.cacerts.secretName= --set app.tls.selfSigned.secretName=plugca-root)
 MINIMAL=(--set replicaCount=1 --set app.tls.cacerts.secretName=
   --set-json app.server.caTrustedNodeAccounts=[] --set app.tls.istiodCertificateEnable=false
   --set app.controller.rootConfigMap.enabled=false --set podDisruptionBudget.enabled=false)
@@ -123,19 +129,23 @@ run "helm lint --strict (every feature on)" "${LINT[@]}" -f "$ALL"
 run "helm template (default values)" render "$OUT/default.yaml"
 run "helm template (every feature on)" render "$OUT/all.yaml" -f "$ALL"
 run "helm template (minimal: 1 replica, no cacerts, no controllers)" render "$OUT/minimal.yaml" "${MINIMAL[@]}"
+run "helm template (self-signed root in a Secret)" render "$OUT/self-signed.yaml" "${SELF_SIGNED[@]}"
 run "kubectl kustomize deploy/kubernetes" kustomize "$OUT/kustomize.yaml"
+run "kubectl kustomize deploy/kubernetes-self-signed" kustomize "$OUT/kustomize-self-signed.yaml" deploy/kubernetes-self-signed
 
 for v in "${VALIDATE_VERSIONS[@]}"; do
-  for f in default all minimal kustomize; do
+  for f in default all minimal self-signed kustomize kustomize-self-signed; do
     run "kubernetes-validate --strict -k $v ($f)" validate "$v" "$OUT/$f.yaml"
   done
   run "kubernetes-validate --strict -k $v (deploy/rbac/plugca-rbac.yaml)" validate "$v" deploy/rbac/plugca-rbac.yaml
 done
 
-must_fail "refuses 2 replicas without cacerts" \
+must_fail "refuses 2 replicas without cacerts or a self-signed Secret" \
   "every replica would generate its own root" --set app.tls.cacerts.secretName=
-must_fail "refuses a self-signed root kept in a Secret (no such plugca flag yet)" \
-  "app.tls.selfSigned.secretName is not supported yet" --set app.tls.selfSigned.secretName=plugca-root
+must_fail "refuses a plugged CA and a self-signed Secret together" \
+  "are both set: a plugged-in CA always wins" --set app.tls.selfSigned.secretName=plugca-root
+must_fail "values schema refuses a malformed self-signed Secret name" \
+  "secretName" --set app.tls.cacerts.secretName= --set app.tls.selfSigned.secretName=Bad_Name
 must_fail "refuses a grace period not longer than the drain timeout" \
   "terminationGracePeriodSeconds (30) must be at least" --set terminationGracePeriodSeconds=30
 must_fail "values schema refuses an unknown value" \
@@ -144,11 +154,14 @@ must_fail "values schema refuses a malformed trusted node account" \
   "caTrustedNodeAccounts" --set 'app.server.caTrustedNodeAccounts[0]=ztunnel'
 
 run_verbose "chart (default values) == kustomize base" "$PY" deploy/check-manifests.py compare "$OUT/default.yaml" "$OUT/kustomize.yaml"
+run_verbose "chart (self-signed Secret) == deploy/kubernetes-self-signed" "$PY" deploy/check-manifests.py compare "$OUT/self-signed.yaml" "$OUT/kustomize-self-signed.yaml"
 run_verbose "deploy/rbac/plugca-rbac.yaml == chart's base RBAC" "$PY" deploy/check-manifests.py rbac-file deploy/rbac/plugca-rbac.yaml "$OUT/default.yaml"
 for f in default all minimal; do
   run_verbose "features: $f" "$PY" deploy/check-manifests.py features "$f" "$OUT/$f.yaml"
 done
-run_verbose "flags exist in src/ or are controller flags" "$PY" deploy/check-manifests.py flags "$OUT/all.yaml" src
+for f in all self-signed; do
+  run_verbose "flags passed ($f) are flags of plugca serve in src/" "$PY" deploy/check-manifests.py flags "$OUT/$f.yaml" src
+done
 
 # Optional: Istio's own charts with the values docs/istio-with-plugca.md gives.
 # Only from an Istio module already in the Go module cache (or ISTIO_CHARTS);

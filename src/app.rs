@@ -22,6 +22,7 @@ use crate::ca::Current;
 use crate::ca::selfsigned::SelfSignedSpec;
 use crate::ca::{BundleError, CaBundle, Layout};
 use crate::config::Config;
+use crate::controllers::shared_root::SharedRoot;
 use crate::identity::TrustDomains;
 use crate::impersonation::Impersonation;
 use crate::impersonation::node::{INITIAL_POD_SYNC_WAIT, NodeAuthorizer};
@@ -67,6 +68,8 @@ pub enum AppError {
     NotReady { addr: SocketAddr, within: Duration },
     #[error("{0}")]
     Controllers(#[from] crate::controllers::StartError),
+    #[error("{0}")]
+    SharedRoot(#[from] crate::controllers::shared_root::SharedRootError),
 }
 
 /// Starts a server: loads the CA, builds the authenticators and the
@@ -214,6 +217,8 @@ struct App {
     serving: Arc<AtomicBool>,
     /// The in-cluster controllers to start in `run`, with the local cluster's client.
     controllers: Option<(kube::Client, crate::controllers::ControllersConfig)>,
+    /// `--self-signed-secret`: kept in sync in `run`.
+    shared_root: Option<SharedRoot>,
     limits: crate::limits::Limits,
 }
 
@@ -222,7 +227,16 @@ impl App {
     /// impersonation, fault harness, handler, listeners.
     async fn build(config: &Config) -> Result<App, AppError> {
         let now = OffsetDateTime::now_utc();
-        let (bundle, self_signed) = load_ca(config, now)?;
+        // Before the CA: a self-signed root kept in a Secret is read through it.
+        let clusters = match &config.authn.kubernetes {
+            Some(k) => Some(Arc::new(Clusters::load(k).await?)),
+            None => None,
+        };
+        let shared_root = shared_root(config, clusters.as_deref());
+        let (bundle, self_signed) = match &shared_root {
+            Some(shared) => load_shared_ca(config, shared, now).await?,
+            None => load_ca(config, now)?,
+        };
         let metrics = Arc::new(Metrics::new());
         let dns_names = tls::serving_dns_names(&config.server.server_dns_names);
         let tls_config = Arc::new(ArcSwap::new(tls::server_config(&bundle, &dns_names)?));
@@ -234,6 +248,7 @@ impl App {
                 allow_root_replacement: config.ca.allow_root_replacement,
                 extra_trust_roots: config.ca.extra_trust_roots.clone(),
                 self_signed,
+                self_signed_shared: shared_root.is_some(),
                 expiry_warning: config.ca.expiry_warning,
             },
             ca.clone(),
@@ -242,9 +257,13 @@ impl App {
         ));
         reloader.check_expiry(now);
 
-        let (authenticators, clusters) = authenticators(config, &ca, &metrics).await?;
+        let authenticators = authenticators(config, &ca, clusters.clone(), &metrics).await?;
         // In-cluster controllers (issue 10): checked and announced here, started in `run`.
-        crate::controllers::check_shared_root(&config.controllers, ca.current().as_deref())?;
+        crate::controllers::check_shared_root(
+            &config.controllers,
+            ca.current().as_deref(),
+            shared_root.is_some(),
+        )?;
         let local_client = clusters
             .as_ref()
             .and_then(|c| c.resolve(None).ok())
@@ -295,6 +314,7 @@ impl App {
             drain_timeout: config.server.drain_timeout,
             serving: Arc::new(AtomicBool::new(false)),
             controllers,
+            shared_root,
             limits: crate::limits::Limits::for_this_process(&config.net),
         })
     }
@@ -337,6 +357,15 @@ impl App {
             .reloader
             .clone()
             .spawn(self.reload_interval, stop_rx.clone());
+        let shared_root_task = self.shared_root.map(|shared| {
+            tokio::spawn(crate::controllers::shared_root::keep_in_sync(
+                shared,
+                self.reloader.clone(),
+                self.reload_interval,
+                self.metrics.controllers.clone(),
+                stop_rx.clone(),
+            ))
+        });
         let controllers = self.controllers.map(|(client, config)| {
             crate::controllers::spawn(
                 client,
@@ -407,6 +436,9 @@ impl App {
         if let Some(controllers) = controllers {
             controllers.join().await;
         }
+        if let Some(task) = shared_root_task {
+            let _ = task.await;
+        }
         let _ = monitoring_task.await;
         match grpc_result {
             Ok(Ok(Ok(()))) => {
@@ -430,18 +462,27 @@ fn load_ca(
     config: &Config,
     now: OffsetDateTime,
 ) -> Result<(CaBundle, SelfSignedSpec), ReloadError> {
-    let self_signed = SelfSignedSpec {
-        dir: config.ca.self_signed_dir.clone(),
-        key: config.ca.self_signed_key,
-        ttl: config.ca.self_signed_ttl,
-        organization: config.trust_domain.to_string(),
-    };
+    let self_signed = self_signed_spec(config);
     let bundle = Reloader::initial_bundle(
         &config.ca.cacerts_dir,
         &self_signed,
         config.ca.extra_trust_roots.as_deref(),
         now,
     )?;
+    log_plugged(config, &bundle);
+    Ok((bundle, self_signed))
+}
+
+fn self_signed_spec(config: &Config) -> SelfSignedSpec {
+    SelfSignedSpec {
+        dir: config.ca.self_signed_dir.clone(),
+        key: config.ca.self_signed_key,
+        ttl: config.ca.self_signed_ttl,
+        organization: config.trust_domain.to_string(),
+    }
+}
+
+fn log_plugged(config: &Config, bundle: &CaBundle) {
     if bundle.layout() != Layout::SelfSigned {
         info!(
             dir = %config.ca.cacerts_dir.display(),
@@ -452,17 +493,53 @@ fn load_ca(
             "plugged-in CA loaded"
         );
     }
-    Ok((bundle, self_signed))
+}
+
+/// `--self-signed-secret` through the local cluster's client (the config
+/// refuses the flag without Kubernetes access).
+fn shared_root(config: &Config, clusters: Option<&Clusters>) -> Option<SharedRoot> {
+    let secret = config.ca.self_signed_secret.clone()?;
+    let (_, client) = clusters?.resolve(None).ok()?;
+    let timeout = config.authn.kubernetes.as_ref()?.api_timeout;
+    Some(SharedRoot::new(client.clone(), secret, timeout))
+}
+
+/// [`load_ca`] with the self-signed root kept in a Secret all replicas
+/// share: a plugged-in bundle still wins; otherwise the Secret's root, or a
+/// new one this replica creates the Secret with (create-only).
+async fn load_shared_ca(
+    config: &Config,
+    shared: &SharedRoot,
+    now: OffsetDateTime,
+) -> Result<(CaBundle, SelfSignedSpec), AppError> {
+    let (spec, dir) = (self_signed_spec(config), &config.ca.cacerts_dir);
+    let bundle = match CaBundle::load_dir(dir, now)? {
+        Some(plugged) => plugged,
+        None => {
+            let (root, origin) = shared.load_or_create(&spec, now).await?;
+            warn!(
+                dir = %dir.display(),
+                secret = %shared.secret(),
+                origin = ?origin,
+                root = %root.signing_cert().subject,
+                "no plugged-in CA bundle: using the self-signed root kept in a Secret all replicas share"
+            );
+            root
+        }
+    };
+    let bundle = crate::reload::with_extra_roots(bundle, config.ca.extra_trust_roots.as_deref())?;
+    log_plugged(config, &bundle);
+    Ok((bundle, spec))
 }
 
 /// The authenticator chain in the order requests try it (client certificate
-/// first), and the Kubernetes clusters when TokenReview is on (node
-/// authorization reuses them).
+/// first), with TokenReview over `clusters` when Kubernetes is on.
 async fn authenticators(
     config: &Config,
     ca: &Arc<Current>,
+    clusters: Option<Arc<Clusters>>,
     metrics: &Arc<Metrics>,
-) -> Result<(Authenticators, Option<Arc<Clusters>>), AppError> {
+) -> Result<Authenticators, AppError> {
     let mut chain: Vec<Box<dyn Authenticator>> = vec![Box::new(ClientCertAuthenticator::new(
         config.trust_domain.clone(),
         ca.clone(),
@@ -490,9 +567,8 @@ async fn authenticators(
             config.trust_domain.clone(),
         )?));
     }
-    let clusters = match &config.authn.kubernetes {
-        Some(k) => {
-            let clusters = Arc::new(Clusters::load(k).await?);
+    let clusters = match (&config.authn.kubernetes, clusters) {
+        (Some(k), Some(clusters)) => {
             info!(source = %k.local, clusters = ?clusters.ids(), audiences = ?k.token_audiences, "Kubernetes TokenReview authentication");
             chain.push(Box::new(
                 KubeJwtAuthenticator::new(
@@ -506,7 +582,7 @@ async fn authenticators(
             ));
             Some(clusters)
         }
-        None => None,
+        _ => None,
     };
     if let Some(cidrs) = &config.authn.trusted_gateway_cidrs {
         info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "XFCC identities accepted from these gateways and loopback");
@@ -528,7 +604,7 @@ async fn authenticators(
             "no bootstrap authenticator configured (--kubeconfig, --jwks-file or --insecure-trust-csr-identity): only mTLS renewals can succeed"
         );
     }
-    Ok((Authenticators::new(chain), clusters))
+    Ok(Authenticators::new(chain))
 }
 
 /// Who may ask for other identities' certificates: off without trusted node

@@ -116,6 +116,14 @@ pub struct ServeArgs {
     #[arg(long, env = "PLUGCA_SELF_SIGNED_DIR")]
     pub self_signed_dir: Option<PathBuf>,
 
+    /// Keep the self-signed root in this Secret (namespace/name), shared by
+    /// every replica like istiod's istio-ca-secret: read at start, created
+    /// (create-only) when absent, never overwritten, re-read every
+    /// --reload-interval. Needs Kubernetes API access; lets --replicas
+    /// exceed 1 without a plugged-in CA.
+    #[arg(long, env = flag::SELF_SIGNED_SECRET.env)]
+    pub self_signed_secret: Option<String>,
+
     /// Accept a reloaded root-cert.pem that shares no root with the current one.
     /// Without it only adding or removing roots is accepted (safe rotation).
     #[arg(long, env = "PLUGCA_ALLOW_ROOT_REPLACEMENT")]
@@ -318,6 +326,8 @@ pub struct CaConfig {
     pub self_signed_ttl: Duration,
     pub self_signed_key: KeyChoice,
     pub self_signed_dir: Option<PathBuf>,
+    /// `--self-signed-secret`: the Secret all replicas keep the self-signed root in.
+    pub self_signed_secret: Option<crate::controllers::shared_root::SecretRef>,
     pub allow_root_replacement: bool,
     pub extra_trust_roots: Option<PathBuf>,
     pub expiry_warning: Duration,
@@ -372,6 +382,14 @@ pub enum ConfigError {
         "--self-signed-dir must not be the --cacerts-dir ({0}): its files would look like a partial plugged-in bundle"
     )]
     SelfSignedDirIsCacertsDir(PathBuf),
+    #[error(
+        "--self-signed-secret and --self-signed-dir are both set: keep the self-signed root in one place"
+    )]
+    SelfSignedSecretAndDir,
+    #[error(
+        "--self-signed-secret needs Kubernetes API access (--kubeconfig, or running in a pod without --no-kubernetes)"
+    )]
+    SelfSignedSecretWithoutKubernetes,
     /// Flags clap refused (unknown flag, missing value), in clap's words;
     /// only [`Config::from_args`] returns it (the binary lets clap exit).
     #[error("{0}")]
@@ -488,6 +506,8 @@ mod flag {
         "--node-authz-max-staleness",
         "PLUGCA_NODE_AUTHZ_MAX_STALENESS",
     );
+    pub(super) const SELF_SIGNED_SECRET: Flag =
+        Flag::new("--self-signed-secret", "PLUGCA_SELF_SIGNED_SECRET");
 
     #[cfg(test)]
     pub(super) const ALL: &[Flag] = &[
@@ -513,6 +533,7 @@ mod flag {
         TRUST_DOMAIN_ALIASES,
         TOKEN_REVIEW_CACHE_TTL,
         NODE_AUTHZ_MAX_STALENESS,
+        SELF_SIGNED_SECRET,
     ];
 }
 
@@ -564,6 +585,19 @@ impl ServeArgs {
         if self.self_signed_dir.as_ref() == Some(&self.cacerts_dir) {
             return Err(ConfigError::SelfSignedDirIsCacertsDir(self.cacerts_dir));
         }
+        let self_signed_secret = match self.self_signed_secret.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(_) if self.self_signed_dir.is_some() => {
+                return Err(ConfigError::SelfSignedSecretAndDir);
+            }
+            Some(_) if kubernetes.is_none() => {
+                return Err(ConfigError::SelfSignedSecretWithoutKubernetes);
+            }
+            Some(s) => Some(
+                crate::controllers::shared_root::SecretRef::parse(s)
+                    .map_err(|reason| flag::SELF_SIGNED_SECRET.invalid(s, reason))?,
+            ),
+        };
         let max_concurrent_signs = match self.max_concurrent_signs {
             Some(0) => return Err(flag::MAX_CONCURRENT_SIGNS.invalid("0", "must be at least 1")),
             Some(n) => n,
@@ -608,6 +642,7 @@ impl ServeArgs {
                 self_signed_ttl,
                 self_signed_key: self.self_signed_key,
                 self_signed_dir: self.self_signed_dir,
+                self_signed_secret,
                 allow_root_replacement: self.allow_root_replacement,
                 extra_trust_roots: self.extra_trust_roots,
                 expiry_warning,
@@ -980,6 +1015,45 @@ mod tests {
         assert!(
             e.starts_with("--token-review-cache-ttl (env PLUGCA_TOKEN_REVIEW_CACHE_TTL)"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_self_signed_secret_is_namespace_slash_name_and_needs_kubernetes() {
+        assert!(parse(&[]).unwrap().ca.self_signed_secret.is_none());
+        let c = parse(&[
+            "--kubeconfig",
+            "/k",
+            "--self-signed-secret",
+            "istio-system/plugca-root",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.ca.self_signed_secret.unwrap().to_string(),
+            "istio-system/plugca-root"
+        );
+        assert_eq!(
+            parse(&["--self-signed-secret", "istio-system/plugca-root"]).unwrap_err(),
+            ConfigError::SelfSignedSecretWithoutKubernetes
+        );
+        assert_eq!(
+            parse(&[
+                "--kubeconfig",
+                "/k",
+                "--self-signed-secret",
+                "istio-system/plugca-root",
+                "--self-signed-dir",
+                "/d",
+            ])
+            .unwrap_err(),
+            ConfigError::SelfSignedSecretAndDir
+        );
+        let e = parse(&["--kubeconfig", "/k", "--self-signed-secret", "plugca-root"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--self-signed-secret (env PLUGCA_SELF_SIGNED_SECRET): \"plugca-root\": not namespace/name (e.g. istio-system/plugca-root)"
         );
     }
 

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod root_configmap;
 pub mod selector;
+pub mod shared_root;
 
 use std::sync::Arc;
 
@@ -120,20 +121,23 @@ pub fn announce(config: &ControllersConfig, client: Option<kube::Client>) -> Opt
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
     #[error(
-        "--replicas {replicas} (env PLUGCA_REPLICAS) with no plugged-in CA bundle: each replica would generate its own self-signed root and workloads would not trust each other; plug the same cacerts bundle into every replica (Secret cacerts), or run one replica"
+        "--replicas {replicas} (env PLUGCA_REPLICAS) with no plugged-in CA bundle: each replica would generate its own self-signed root and workloads would not trust each other; plug the same cacerts bundle into every replica (Secret cacerts), keep the self-signed root in a Secret all replicas share (--self-signed-secret <namespace>/<name>), or run one replica"
     )]
     UnsharedSelfSignedRoot { replicas: u32 },
 }
 
 /// Item 3 of issue 10: with more than one replica, a self-signed root made
 /// by each replica would split the mesh. plugca cannot count the replicas
-/// itself; the chart passes `--replicas` (its `replicaCount`).
+/// itself; the chart passes `--replicas` (its `replicaCount`). A root kept
+/// in a shared Secret (`--self-signed-secret`, [`shared_root`]) is the same
+/// on every replica.
 pub fn check_shared_root(
     config: &ControllersConfig,
     bundle: Option<&CaBundle>,
+    kept_in_secret: bool,
 ) -> Result<(), StartError> {
     let self_signed = bundle.is_none_or(|b| b.layout() == crate::ca::Layout::SelfSigned);
-    if config.replicas > 1 && self_signed {
+    if config.replicas > 1 && self_signed && !kept_in_secret {
         return Err(StartError::UnsharedSelfSignedRoot {
             replicas: config.replicas,
         });
@@ -231,14 +235,21 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(check_shared_root(&config(1), Some(&self_signed)), Ok(()));
-        assert_eq!(check_shared_root(&config(2), Some(&plugged)), Ok(()));
-        let err = check_shared_root(&config(2), Some(&self_signed)).unwrap_err();
-        assert_eq!(err, StartError::UnsharedSelfSignedRoot { replicas: 2 });
-        assert!(
-            err.to_string().contains("plug the same cacerts bundle"),
-            "{err}"
+        assert_eq!(
+            check_shared_root(&config(1), Some(&self_signed), false),
+            Ok(())
         );
+        assert_eq!(check_shared_root(&config(2), Some(&plugged), false), Ok(()));
+        assert_eq!(
+            check_shared_root(&config(2), Some(&self_signed), true),
+            Ok(()),
+            "a root kept in a shared Secret is the same on every replica"
+        );
+        let err = check_shared_root(&config(2), Some(&self_signed), false).unwrap_err();
+        assert_eq!(err, StartError::UnsharedSelfSignedRoot { replicas: 2 });
+        for option in ["plug the same cacerts bundle", "--self-signed-secret"] {
+            assert!(err.to_string().contains(option), "{err}");
+        }
     }
 
     #[test]

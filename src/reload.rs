@@ -72,6 +72,10 @@ pub struct ReloadSettings {
     pub extra_trust_roots: Option<PathBuf>,
     /// The self-signed root used when the directory holds no bundle.
     pub self_signed: SelfSignedSpec,
+    /// The self-signed root is kept in a Secret all replicas share
+    /// (`--self-signed-secret`): never renewed here, where each replica
+    /// would make a different one; see [`Reloader::adopt_self_signed`].
+    pub self_signed_shared: bool,
     pub expiry_warning: Duration,
 }
 
@@ -85,6 +89,7 @@ pub struct Reloader {
     pub allow_root_replacement: bool,
     pub extra_trust_roots: Option<PathBuf>,
     pub self_signed: SelfSignedSpec,
+    pub self_signed_shared: bool,
     pub expiry_warning: Duration,
     /// Reloads run one at a time.
     lock: Mutex<()>,
@@ -108,6 +113,7 @@ impl Reloader {
             allow_root_replacement,
             extra_trust_roots,
             self_signed,
+            self_signed_shared,
             expiry_warning,
         } = settings;
         Reloader {
@@ -119,6 +125,7 @@ impl Reloader {
             allow_root_replacement,
             extra_trust_roots,
             self_signed,
+            self_signed_shared,
             expiry_warning,
             lock: Mutex::new(()),
             generation: watch::Sender::new(0),
@@ -226,7 +233,7 @@ impl Reloader {
         let Some(cur) = self.ca.current() else {
             return Ok(false);
         };
-        if cur.layout() != Layout::SelfSigned {
+        if cur.layout() != Layout::SelfSigned || self.self_signed_shared {
             return Ok(false);
         }
         match selfsigned::renew_if_due(&self.self_signed, &cur, now)? {
@@ -238,6 +245,29 @@ impl Reloader {
             }
             None => Ok(false),
         }
+    }
+
+    /// Serves `bundle`, the shared self-signed root another replica or an
+    /// operator put in the Secret, while a self-signed root serves (a plugged
+    /// bundle always wins). `false`: nothing changed.
+    pub fn adopt_self_signed(
+        &self,
+        bundle: CaBundle,
+        now: OffsetDateTime,
+    ) -> Result<bool, ReloadError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(cur) = self.ca.current() else {
+            return Ok(false);
+        };
+        if cur.layout() != Layout::SelfSigned {
+            return Ok(false);
+        }
+        let bundle = with_extra_roots(bundle, self.extra_trust_roots.as_deref())?;
+        if cur.same_material(&bundle) {
+            return Ok(false);
+        }
+        self.swap(bundle, now)?;
+        Ok(true)
     }
 
     /// Sets the expiry metrics and warns about certificates close to NotAfter.
@@ -399,7 +429,8 @@ impl Reloader {
     }
 }
 
-fn with_extra_roots(
+/// `bundle` with the roots of `--extra-trust-roots` appended.
+pub(crate) fn with_extra_roots(
     bundle: CaBundle,
     file: Option<&std::path::Path>,
 ) -> Result<CaBundle, ReloadError> {

@@ -9,7 +9,10 @@
 //! - the root ConfigMap distributor and the `istiod-tls` writer with the
 //!   kustomize base's RBAC (the whole render is accepted by a server-side
 //!   dry-run first);
-//! - two plugca processes on one Lease: one writes, a killed leader hands over.
+//! - two plugca processes on one Lease: one writes, a killed leader hands over;
+//! - two replicas on one `--self-signed-secret`: one root, created once;
+//! - the chart with every feature on, applied for real and run with its
+//!   ServiceAccount and the flags of the applied Deployment.
 //!
 //! The controller tests share istio-system, its Lease and `istiod-tls`, and
 //! write into every namespace: they take [`SERIAL`] so they never overlap.
@@ -418,10 +421,14 @@ fn wait_everywhere(lab: &KubeLab, roots: &str, what: &str) {
 
 /// The istiod-tls Secret's files, written into `dir`: (type, serial).
 fn istiod_tls(lab: &KubeLab, dir: &Path) -> Option<(String, String)> {
+    istiod_tls_in(lab, NS, dir)
+}
+
+fn istiod_tls_in(lab: &KubeLab, namespace: &str, dir: &Path) -> Option<(String, String)> {
     let out = lab
         .kubectl(
             Cluster::Local,
-            &["-n", NS, "get", "secret", "istiod-tls", "-o", "json"],
+            &["-n", namespace, "get", "secret", "istiod-tls", "-o", "json"],
             None,
         )
         .ok()?;
@@ -441,17 +448,26 @@ fn istiod_tls(lab: &KubeLab, dir: &Path) -> Option<(String, String)> {
 
 /// The openssl checks of istiod's Secret: names, chain to `root`, key match.
 fn check_istiod_tls(dir: &Path, root: &GeneratedCa, roots: &str) {
+    check_istiod_tls_names(
+        dir,
+        &root.cert_pem,
+        roots,
+        &[
+            "DNS:istiod.istio-system.svc",
+            "URI:spiffe://cluster.local/ns/istio-system/sa/istiod",
+        ],
+    );
+}
+
+fn check_istiod_tls_names(dir: &Path, root_pem: &str, roots: &str, names: &[&str]) {
     let text = openssl_in(dir, &["x509", "-in", "tls.crt", "-noout", "-text"]);
-    for name in [
-        "DNS:istiod.istio-system.svc",
-        "URI:spiffe://cluster.local/ns/istio-system/sa/istiod",
-    ] {
+    for name in names {
         assert!(
             text.contains(name),
             "{name} not in istiod's certificate:\n{text}"
         );
     }
-    std::fs::write(dir.join("root.pem"), &root.cert_pem).unwrap();
+    std::fs::write(dir.join("root.pem"), root_pem).unwrap();
     // tls.crt = leaf + intermediates; verify the leaf through them to the root.
     let verify = Command::new("openssl")
         .current_dir(dir)
@@ -749,6 +765,28 @@ struct Process {
 }
 
 fn spawn_plugca(name: &str, args: &[String], dir: &Path) -> Process {
+    launch_plugca(name, args, dir).listening()
+}
+
+/// A started plugca process that may not listen yet.
+struct Launched {
+    name: String,
+    child: KillOnDrop,
+    log: PathBuf,
+}
+
+/// Starts plugca without waiting, so several can start at once.
+fn launch_plugca(name: &str, args: &[String], dir: &Path) -> Launched {
+    launch_plugca_env(name, args, &[], dir)
+}
+
+/// [`launch_plugca`] with more environment (set last, so it wins).
+fn launch_plugca_env(
+    name: &str,
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+) -> Launched {
     let log = dir.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_plugca"))
@@ -765,36 +803,48 @@ fn spawn_plugca(name: &str, args: &[String], dir: &Path) -> Process {
         .env("POD_NAME", name)
         .env("POD_NAMESPACE", NS)
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()
         .unwrap();
-    let child = KillOnDrop(child);
-    let (grpc, monitoring) = eventually(
-        Duration::from_secs(30),
-        &format!("{name} listening"),
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            text.lines().find(|l| l.contains("\"listening\"")).map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                let fields = if v["fields"].is_object() {
-                    &v["fields"]
-                } else {
-                    &v
-                };
-                (
-                    fields["grpc"].as_str().unwrap().to_string(),
-                    fields["monitoring"].as_str().unwrap().to_string(),
-                )
-            })
-        },
-    );
-    Process {
+    Launched {
         name: name.to_string(),
-        child,
+        child: KillOnDrop(child),
         log,
-        grpc,
-        monitoring,
+    }
+}
+
+impl Launched {
+    /// Waits until it logs `listening`, with its addresses.
+    fn listening(self) -> Process {
+        let Launched { name, child, log } = self;
+        let (grpc, monitoring) = eventually(
+            Duration::from_secs(30),
+            &format!("{name} listening"),
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.lines().find(|l| l.contains("\"listening\"")).map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let fields = if v["fields"].is_object() {
+                        &v["fields"]
+                    } else {
+                        &v
+                    };
+                    (
+                        fields["grpc"].as_str().unwrap().to_string(),
+                        fields["monitoring"].as_str().unwrap().to_string(),
+                    )
+                })
+            },
+        );
+        Process {
+            name,
+            child,
+            log,
+            grpc,
+            monitoring,
+        }
     }
 }
 
@@ -821,6 +871,11 @@ impl Process {
     }
 
     async fn sign(&self, roots: &str, token: &str, ns: &str) {
+        assert_issues_for(&self.chain(roots, token).await, ns);
+    }
+
+    /// A certificate for `token`'s identity, over TLS checked against `roots`.
+    async fn chain(&self, roots: &str, token: &str) -> Vec<String> {
         let mut client = plugca::client::connect(&plugca::client::Connection {
             addr: self.grpc.clone(),
             root_cert_pem: roots.to_string(),
@@ -829,15 +884,14 @@ impl Process {
             timeout: Duration::from_secs(20),
         })
         .await
-        .unwrap();
-        let chain = request(
+        .unwrap_or_else(|e| panic!("{}: no TLS connection trusting {roots}: {e:?}", self.name));
+        request(
             &mut client,
             csr(&p256(), None, CsrShape::Sidecar),
             &with_token(token),
         )
         .await
-        .unwrap_or_else(|e| panic!("{} did not sign: {e:?}", self.name));
-        assert_issues_for(&chain, ns);
+        .unwrap_or_else(|e| panic!("{} did not sign: {e:?}", self.name))
     }
 }
 
@@ -1029,4 +1083,735 @@ async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() 
             p.name
         );
     }
+}
+
+/// The Secret of the shared self-signed root, as deploy/kubernetes-self-signed names it.
+const SHARED_ROOT_SECRET: &str = "plugca-root";
+
+/// One key of a Secret in istio-system, decoded; `None` when there is no Secret.
+fn secret_key(lab: &KubeLab, name: &str, key: &str) -> Option<String> {
+    let out = lab
+        .kubectl(
+            Cluster::Local,
+            &["-n", NS, "get", "secret", name, "-o", "json"],
+            None,
+        )
+        .ok()?;
+    let secret: serde_json::Value = serde_json::from_str(&out).unwrap();
+    use base64::Engine;
+    let value = secret["data"][key].as_str().unwrap_or("");
+    Some(
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+}
+
+fn delete_secret(lab: &KubeLab, name: &str) {
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["-n", NS, "delete", "secret", name, "--ignore-not-found"],
+        None,
+    );
+}
+
+/// `openssl x509 -fingerprint -sha256` of a PEM certificate.
+fn fingerprint(dir: &Path, pem_text: &str) -> String {
+    std::fs::write(dir.join("fp.pem"), pem_text).unwrap();
+    openssl_in(
+        dir,
+        &["x509", "-in", "fp.pem", "-noout", "-fingerprint", "-sha256"],
+    )
+    .trim()
+    .to_string()
+}
+
+/// How each process's log says it got the root: "Created", "Existing", "LostRace".
+fn shared_root_origin(p: &Process) -> String {
+    p.log_text()
+        .lines()
+        .find(|l| l.contains("self-signed root kept in a Secret all replicas share"))
+        .and_then(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let fields = if v["fields"].is_object() {
+                &v["fields"]
+            } else {
+                &v
+            };
+            fields["origin"].as_str().map(str::to_string)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{} did not log its root's origin:\n{}",
+                p.name,
+                p.log_text()
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_started_at_once_on_one_self_signed_secret_share_one_root() {
+    let Some(lab) = kube_lab::lab() else { return };
+    let _serial = SERIAL.lock().await;
+    apply_kustomize_rbac(lab);
+    // The overlay's RBAC: get Secret plugca-root by name, create Secrets.
+    let overlay = std::fs::read_to_string(format!(
+        "{REPO}/deploy/kubernetes-self-signed/rbac-self-signed.yaml"
+    ))
+    .unwrap();
+    apply(lab, &overlay);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(lab, NS, "plugca", dir.path());
+
+    // The shipped RBAC allows exactly this: get on that one Secret, and
+    // create (which RBAC cannot limit by name); nothing else on Secrets.
+    let named = format!("secrets/{SHARED_ROOT_SECRET}");
+    for args in [
+        &["get", named.as_str(), "-n", NS][..],
+        &["create", "secrets", "-n", NS],
+    ] {
+        assert!(can_i(lab, &kubeconfig, args), "plugca may not {args:?}");
+    }
+    for args in [
+        &["get", "secrets/cacerts", "-n", NS][..],
+        &["get", "secrets/istio-ca-secret", "-n", NS],
+        &["get", "secrets", "-n", NS],
+        &["list", "secrets", "-n", NS],
+        &["watch", "secrets", "-n", NS],
+        &["update", named.as_str(), "-n", NS],
+        &["patch", named.as_str(), "-n", NS],
+        &["delete", named.as_str(), "-n", NS],
+        &["get", named.as_str(), "-n", "default"],
+        &["create", "secrets", "-n", "default"],
+    ] {
+        assert!(!can_i(lab, &kubeconfig, args), "plugca may {args:?}");
+    }
+
+    delete_secret(lab, SHARED_ROOT_SECRET);
+    let empty_cacerts = dir.path().join("cacerts");
+    std::fs::create_dir(&empty_cacerts).unwrap();
+    let shared = format!("{NS}/{SHARED_ROOT_SECRET}");
+    let args: Vec<String> = [
+        "--cacerts-dir",
+        empty_cacerts.to_str().unwrap(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--cluster-id",
+        LOCAL_ID,
+        "--replicas",
+        "2",
+        "--self-signed-secret",
+        &shared,
+        "--reload-interval",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (ns, token) = workload_token(lab, "shared");
+
+    // Both at once: each finds no Secret, generates a root and creates it;
+    // the apiserver lets exactly one create succeed.
+    let a = launch_plugca(&unique("plugca-ss-a"), &args, dir.path());
+    let b = launch_plugca(&unique("plugca-ss-b"), &args, dir.path());
+    let (a, b) = (a.listening(), b.listening());
+    let origins = [shared_root_origin(&a), shared_root_origin(&b)];
+    eprintln!("shared root origins: {origins:?}");
+    assert_eq!(
+        origins.iter().filter(|o| *o == "Created").count(),
+        1,
+        "exactly one replica creates the Secret: {origins:?}"
+    );
+    let root = secret_key(lab, SHARED_ROOT_SECRET, "ca-cert.pem").expect("the Secret exists");
+    assert_eq!(
+        secret_key(lab, SHARED_ROOT_SECRET, "root-cert.pem").as_deref(),
+        Some(root.as_str())
+    );
+    let secret_type = lab.kubectl_ok(
+        Cluster::Local,
+        &[
+            "-n",
+            NS,
+            "get",
+            "secret",
+            SHARED_ROOT_SECRET,
+            "-o",
+            "jsonpath={.type}",
+        ],
+        None,
+    );
+    assert_eq!(secret_type, "istio.io/ca-root");
+    // Each serves that root: TLS verified against it, and it is the root
+    // bundle of each response (compared by openssl's fingerprint).
+    let want = fingerprint(dir.path(), &root);
+    for p in [&a, &b] {
+        let chain = p.chain(&root, &token).await;
+        assert_issues_for(&chain, &ns);
+        assert_eq!(
+            fingerprint(dir.path(), chain.last().unwrap()),
+            want,
+            "{} serves another root",
+            p.name
+        );
+    }
+
+    // What a replica that lost the race meets, in-process with the
+    // ServiceAccount's kubeconfig: its create is answered 409 (RBAC lets the
+    // create through to the existence check) and writes nothing; a replica
+    // starting now reads the same root.
+    {
+        use plugca::controllers::shared_root::{Origin, SecretRef, SharedRoot};
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        let shared_root = SharedRoot::new(
+            kube::Client::try_from(config).unwrap(),
+            SecretRef::parse(&shared).unwrap(),
+            Duration::from_secs(10),
+        );
+        let now = time::OffsetDateTime::now_utc();
+        let spec = plugca::ca::selfsigned::SelfSignedSpec {
+            dir: None,
+            key: KeyChoice::P256,
+            ttl: Duration::from_secs(86_400),
+            organization: "cluster.local".into(),
+        };
+        let (mine, _) = plugca::ca::selfsigned::load_or_create(&spec, now).unwrap();
+        assert!(
+            !shared_root.create(&mine).await.unwrap(),
+            "a second create succeeded"
+        );
+        assert_eq!(
+            secret_key(lab, SHARED_ROOT_SECRET, "ca-cert.pem").as_deref(),
+            Some(root.as_str()),
+            "the losing create overwrote the Secret"
+        );
+        let (third, origin) = shared_root.load_or_create(&spec, now).await.unwrap();
+        assert_eq!(origin, Origin::Existing);
+        assert_eq!(fingerprint(dir.path(), &third.signing_cert().text), want);
+    }
+
+    // An operator replaces the root in the Secret: both adopt it within the
+    // reload interval (no restart), and still sign.
+    // Replaced in place (kubectl replace): deleting it first would let a
+    // replica re-create it with the old root in between.
+    let replacement = long_lived_root("shared-replacement");
+    use base64::Engine;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let replaced = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SHARED_ROOT_SECRET, "namespace": NS},
+        "type": "istio.io/ca-root",
+        "data": {
+            "ca-cert.pem": b64(&replacement.cert_pem),
+            "ca-key.pem": b64(&key_pem(&replacement)),
+            "root-cert.pem": b64(&replacement.cert_pem),
+            "cert-chain.pem": "",
+            "key.pem": "",
+        },
+    });
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["replace", "-f", "-"],
+        Some(&replaced.to_string()),
+    );
+    let new_root = secret_key(lab, SHARED_ROOT_SECRET, "ca-cert.pem").unwrap();
+    for p in [&a, &b] {
+        let deadline = Instant::now() + CONTROLLER_DELAY;
+        loop {
+            let text = p.log_text();
+            if text.contains("shared self-signed root changed in its Secret: adopted") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} kept its root:\n{text}",
+                p.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let chain = p.chain(&new_root, &token).await;
+        assert_eq!(
+            fingerprint(dir.path(), chain.last().unwrap()),
+            fingerprint(dir.path(), &replacement.cert_pem)
+        );
+    }
+
+    // Deleted: re-created with the root serving now, so a restarted replica
+    // finds it instead of minting another.
+    delete_secret(lab, SHARED_ROOT_SECRET);
+    let recreated = eventually(CONTROLLER_DELAY, "the deleted Secret re-created", || {
+        secret_key(lab, SHARED_ROOT_SECRET, "ca-cert.pem")
+    });
+    assert_eq!(
+        fingerprint(dir.path(), &recreated),
+        fingerprint(dir.path(), &replacement.cert_pem)
+    );
+    // Counted where it was written: one replica re-created it, the other got 409.
+    let mut recreations = 0;
+    for p in [&a, &b] {
+        if let Some(line) = p
+            .metric(
+                r#"plugca_controller_writes_total{controller="self_signed_secret",kind="create"}"#,
+            )
+            .await
+        {
+            recreations += line.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    assert_eq!(recreations, 1, "re-created once, counted once");
+    for p in [&a, &b] {
+        let bad: Vec<String> = p
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("\"ERROR\""))
+            .map(str::to_string)
+            .collect();
+        assert!(bad.is_empty(), "{}: {bad:#?}", p.name);
+    }
+    drop((a, b));
+
+    // Garbage in the Secret: the start fails naming the Secret and the key,
+    // and the Secret is left as it was.
+    delete_secret(lab, SHARED_ROOT_SECRET);
+    lab.kubectl_ok(
+        Cluster::Local,
+        &[
+            "-n",
+            NS,
+            "create",
+            "secret",
+            "generic",
+            SHARED_ROOT_SECRET,
+            "--from-literal=ca-cert.pem=garbage",
+            "--from-literal=ca-key.pem=garbage",
+        ],
+        None,
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ])
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = kube_lab::wait_bounded(child, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let want = format!(
+        "plugca: error: --self-signed-secret {NS}/{SHARED_ROOT_SECRET}: Secret key ca-cert.pem"
+    );
+    assert!(stderr.contains(&want), "want {want:?} in:\n{stderr}");
+    assert_eq!(
+        secret_key(lab, SHARED_ROOT_SECRET, "ca-cert.pem").as_deref(),
+        Some("garbage"),
+        "the bad Secret was overwritten"
+    );
+    delete_secret(lab, SHARED_ROOT_SECRET);
+}
+
+/// `helm template` of the chart with `values` (a file under the chart), split
+/// into its objects.
+fn helm_render(helm: &Path, values: &str) -> Vec<String> {
+    let out = Command::new(helm)
+        .args([
+            "template",
+            "plugca",
+            &format!("{REPO}/deploy/charts/plugca"),
+        ])
+        .args(["--namespace", NS, "--kube-version", "1.34.0"])
+        .args(["-f", &format!("{REPO}/deploy/charts/plugca/{values}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split("\n---\n")
+        .filter(|o| !kind_of(o).is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The flags and environment of the rendered Deployment as the apiserver
+/// stored it, made runnable here: only what names a place in the pod
+/// changes (mounted paths become temp dirs, listeners go to 127.0.0.1:0 and
+/// the log to JSON for the test to read; in-cluster credentials become a
+/// kubeconfig with the chart's ServiceAccount token). Everything else is
+/// passed as rendered.
+struct RenderedPod {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// Flags replaced, for the log of the test.
+    replaced: Vec<String>,
+}
+
+fn rendered_pod(
+    deployment: &serde_json::Value,
+    name: &str,
+    paths: &[(&str, String)],
+) -> RenderedPod {
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mut args = Vec::new();
+    let mut replaced = Vec::new();
+    let rendered: Vec<&str> = container["args"]
+        .as_array()
+        .expect("the Deployment has args")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(rendered.first(), Some(&"serve"), "{rendered:?}");
+    for arg in &rendered[1..] {
+        let flag = arg.split('=').next().unwrap();
+        match flag {
+            // launch_plugca passes its own (port 0, JSON).
+            "--grpc-addr" | "--monitoring-addr" | "--log-format" => replaced.push(arg.to_string()),
+            _ => match paths.iter().find(|(f, _)| *f == flag) {
+                Some((f, local)) => {
+                    replaced.push(arg.to_string());
+                    args.push(format!("{f}={local}"));
+                }
+                None => args.push(arg.to_string()),
+            },
+        }
+    }
+    let mut env = Vec::new();
+    for e in container["env"].as_array().unwrap() {
+        let key = e["name"].as_str().unwrap().to_string();
+        if let Some(v) = e["value"].as_str() {
+            env.push((key, v.to_string()));
+            continue;
+        }
+        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.name") => name.to_string(),
+            Some("metadata.namespace") => deployment["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            other => panic!("env {key} from {other:?}: not handled by the test"),
+        };
+        env.push((key, value));
+    }
+    RenderedPod {
+        args,
+        env,
+        replaced,
+    }
+}
+
+fn configmap_roots_in(lab: &KubeLab, ns: &str) -> Option<String> {
+    configmap_roots(lab, ns)
+}
+
+fn label_namespace(lab: &KubeLab, ns: &str, label: &str) {
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["label", "namespace", ns, label, "--overwrite"],
+        None,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_with_every_feature_on_applies_for_real_and_runs_with_its_flags_and_service_account()
+ {
+    let Some(lab) = kube_lab::lab() else { return };
+    let Some(bin) = kube_lab::tools(&["helm"]) else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    // The values file deploy/check.sh checks offline: 3 replicas on a
+    // self-signed root kept in Secret plugca-root-east, istiod in
+    // istio-control with revisions, the Lease in plugca-leases, root
+    // distribution by selector with exclusions, node authorization, remote
+    // clusters, extra trust roots, a ServiceMonitor.
+    const ISTIOD_NS: &str = "istio-control";
+    const LEASE_NS: &str = "plugca-leases";
+    const SECRET: &str = "plugca-root-east";
+    for ns in [NS, ISTIOD_NS, LEASE_NS] {
+        lab.ensure_namespace(Cluster::Local, ns);
+    }
+    let objects = helm_render(&bin.join("helm"), "ci/all-features-values.yaml");
+    let kinds: Vec<&str> = objects.iter().map(|o| kind_of(o)).collect();
+    for kind in [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ServiceMonitor",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} not in the render: {kinds:?}");
+    }
+    // No CRD of the Prometheus operator here (its source is not in this
+    // repository and is not fetched): the ServiceMonitor is left out of the
+    // apply; deploy/check-manifests.py checks it against the Service offline.
+    eprintln!(
+        "ServiceMonitor not applied: the Prometheus operator's CRD is not installed in the lab"
+    );
+    let applicable = objects
+        .iter()
+        .filter(|o| kind_of(o) != "ServiceMonitor")
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let ssa = [
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=plugca-tests",
+        "-o",
+        "json",
+        "-f",
+        "-",
+    ];
+    let mut dry_run = ssa.to_vec();
+    dry_run.insert(1, "--dry-run=server");
+    lab.kubectl_ok(Cluster::Local, &dry_run, Some(&applicable));
+    // For real (there is no kubelet: the Deployment never gets pods).
+    let applied: serde_json::Value =
+        serde_json::from_str(&lab.kubectl_ok(Cluster::Local, &ssa, Some(&applicable))).unwrap();
+    let items = applied["items"].as_array().expect("kubectl prints a List");
+    assert_eq!(items.len(), objects.len() - 1, "every object applied");
+    let deployment = items
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("the Deployment was applied");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+
+    // Run plugca as the pod would: the chart's ServiceAccount (token from
+    // TokenRequest) and the rendered flags and environment.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(lab, NS, "plugca", dir.path());
+    let cacerts = dir.path().join("cacerts");
+    std::fs::create_dir(&cacerts).unwrap();
+    let remotes = dir.path().join("remotes");
+    std::fs::create_dir(&remotes).unwrap();
+    std::fs::copy(lab.kubeconfig(Cluster::Remote), remotes.join("west")).unwrap();
+    let extra = long_lived_root("chart-extra-root");
+    let extra_file = dir.path().join("extra-roots.pem");
+    std::fs::write(&extra_file, &extra.cert_pem).unwrap();
+    let name = unique("plugca-chart");
+    let pod = rendered_pod(
+        deployment,
+        &name,
+        &[
+            ("--cacerts-dir", cacerts.display().to_string()),
+            ("--remote-kubeconfigs", remotes.display().to_string()),
+            ("--extra-trust-roots", extra_file.display().to_string()),
+        ],
+    );
+    let mut args = pod.args.clone();
+    args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
+    eprintln!(
+        "rendered flags: {:?}\nreplaced for this machine: {:?}\nenv: {:?}",
+        pod.args, pod.replaced, pod.env
+    );
+    for want in [
+        "--self-signed-secret=istio-system/plugca-root-east",
+        "--root-configmap",
+        "--root-configmap-namespace-selector=mesh=enabled",
+        "--root-configmap-exclude-namespaces=kube-system,kube-public",
+        "--istiod-tls-secret",
+        "--istiod-namespace=istio-control",
+        "--istiod-revisions=canary,stable",
+        "--leader-election-namespace=plugca-leases",
+        "--leader-election-lease=plugca-east",
+        "--self-signed-key=p384",
+    ] {
+        assert!(
+            pod.args.iter().any(|a| a == want),
+            "{want} not rendered: {:?}",
+            pod.args
+        );
+    }
+    assert!(
+        pod.env.contains(&("PLUGCA_REPLICAS".into(), "3".into())),
+        "{:?}",
+        pod.env
+    );
+    delete_secret(lab, SECRET);
+    let selected = lab.namespace(Cluster::Local, "mesh");
+    label_namespace(lab, &selected, "mesh=enabled");
+    let unselected = lab.namespace(Cluster::Local, "nomesh");
+    label_namespace(lab, "kube-public", "mesh=enabled");
+
+    let p = launch_plugca_env(&name, &args, &pod.env, dir.path()).listening();
+
+    // The shared root: created in its Secret, P-384 (--self-signed-key from
+    // extraArgs), and what plugca serves.
+    let root = eventually(CONTROLLER_DELAY, "the self-signed Secret", || {
+        secret_key(lab, SECRET, "ca-cert.pem")
+    });
+    std::fs::write(dir.path().join("shared-root.pem"), &root).unwrap();
+    let text = openssl_in(
+        dir.path(),
+        &["x509", "-in", "shared-root.pem", "-noout", "-text"],
+    );
+    assert!(
+        text.contains("secp384r1") || text.contains("P-384"),
+        "{text}"
+    );
+    assert!(
+        text.contains("O=east.example") || text.contains("O = east.example"),
+        "{text}"
+    );
+    let workload_ns = lab.namespace(Cluster::Local, "chartwl");
+    lab.service_account(Cluster::Local, &workload_ns, "workload");
+    let token = lab.token(Cluster::Local, &workload_ns, "workload", "istio-ca", None);
+    let chain = p.chain(&root, &token).await;
+    assert_eq!(
+        leaf_facts(&chain[0]).uris,
+        [format!(
+            "spiffe://east.example/ns/{workload_ns}/sa/workload"
+        )]
+    );
+    let (ok, verify) = openssl_verify(&chain, "sslclient");
+    assert!(ok, "{verify}");
+    let trust = chain.last().unwrap().clone();
+    assert!(
+        trust.contains(root.trim()) && trust.contains(extra.cert_pem.trim()),
+        "{trust}"
+    );
+
+    // Root distribution: the selected namespace gets it, an unselected one
+    // and an excluded one (kube-public, labelled to match) do not.
+    eventually(
+        CONTROLLER_DELAY,
+        "the ConfigMap in the selected namespace",
+        || (configmap_roots_in(lab, &selected).as_deref() == Some(trust.as_str())).then_some(()),
+    );
+    // Written in the namespace (istio-system is not labelled) where plugca
+    // runs? Only selected ones: the label decides.
+    assert_eq!(
+        configmap_roots_in(lab, &unselected),
+        None,
+        "written into an unselected namespace"
+    );
+    assert_ne!(
+        configmap_roots_in(lab, "kube-public").as_deref(),
+        Some(trust.as_str()),
+        "written into an excluded namespace"
+    );
+
+    // istiod-tls in istiod's namespace, with the revisions and extra names.
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    eventually(CONTROLLER_DELAY, "istiod-tls in istio-control", || {
+        istiod_tls_in(lab, ISTIOD_NS, &tls).filter(|(t, _)| t == "kubernetes.io/tls")
+    });
+    check_istiod_tls_names(
+        &tls,
+        &root,
+        &trust,
+        &[
+            "DNS:istiod.istio-control.svc",
+            "DNS:istiod-canary.istio-control.svc",
+            "DNS:istiod-stable.istio-control.svc",
+            "DNS:istiod.example.com",
+            "URI:spiffe://east.example/ns/istio-control/sa/istiod",
+        ],
+    );
+    // The Lease in its own namespace, held by this process.
+    let holder = lab.kubectl_ok(
+        Cluster::Local,
+        &[
+            "-n",
+            LEASE_NS,
+            "get",
+            "lease",
+            "plugca-east",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        None,
+    );
+    assert_eq!(holder, name);
+    let (_, metrics) = plugca::testing::http_get(p.monitoring.parse().unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("plugca_controller_leader 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("plugca_controller_errors_total{"),
+        "no controller errors:\n{metrics}"
+    );
+    let log = p.log_text();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"ERROR\"") || l.contains("orbidden"))
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+    drop(p);
+    lab.kubectl_ok(
+        Cluster::Local,
+        &["label", "namespace", "kube-public", "mesh-"],
+        None,
+    );
+    delete_secret(lab, SECRET);
+}
+
+#[test]
+fn several_replicas_without_a_shared_root_refuse_to_start_and_name_both_ways_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--cacerts-dir",
+            dir.path().to_str().unwrap(),
+            "--replicas",
+            "2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = kube_lab::wait_bounded(child, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for way_out in [
+        "--replicas 2 (env PLUGCA_REPLICAS) with no plugged-in CA bundle",
+        "plug the same cacerts bundle into every replica",
+        "--self-signed-secret <namespace>/<name>",
+    ] {
+        assert!(stderr.contains(way_out), "{way_out:?} not in:\n{stderr}");
+    }
+    // And the flag needs Kubernetes access (a usage error, exit 64).
+    let out = Command::new(env!("CARGO_BIN_EXE_plugca"))
+        .args(["serve", "--self-signed-secret", "istio-system/plugca-root"])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--self-signed-secret needs Kubernetes API access"),
+        "{stderr}"
+    );
 }

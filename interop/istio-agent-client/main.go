@@ -6,6 +6,9 @@
 // Each flag is named after the istio-agent environment variable it stands for, and defaults to that
 // variable when it is set. Every issuance and every failed attempt is one JSON line on stdout, so a
 // test can follow what happened; Istio's own logs go to stderr.
+//
+// `istio-agent-client xds ...` is a second mode (xds.go): a downstream ADS client on pilot-agent's local
+// XDS socket, standing in for Envoy.
 package main
 
 import (
@@ -97,6 +100,10 @@ func emit(e event) {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "xds" {
+		runXDS(os.Args[2:])
+		return
+	}
 	caHeaders := headers{}
 	for _, kv := range os.Environ() {
 		if name, value, ok := strings.Cut(kv, "="); ok && strings.HasPrefix(name, "CA_HEADER_") {

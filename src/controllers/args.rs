@@ -63,8 +63,8 @@ pub struct ControllersArgs {
     pub leader_election_lease: String,
 
     /// How many replicas run (the chart passes its replicaCount). With more
-    /// than one, plugca refuses to start on a self-signed root: every replica
-    /// would make its own.
+    /// than one, plugca refuses to start on a self-signed root (every replica
+    /// would make its own) unless it is kept in --self-signed-secret.
     #[arg(long, env = "PLUGCA_REPLICAS", default_value_t = 1)]
     pub replicas: u32,
 

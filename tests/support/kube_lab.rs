@@ -54,7 +54,8 @@ pub fn tools(names: &[&str]) -> Option<PathBuf> {
     }
 }
 
-fn missing<T>(reason: &str) -> Option<T> {
+/// `None` after printing why a real-peer test skips, or a panic when `CI=true`.
+pub fn missing<T>(reason: &str) -> Option<T> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("the real-peer tests are required in CI: {reason}");
     }
@@ -443,22 +444,43 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Waits for `child` at most `limit`, killing it after that.
+/// Waits for `child` at most `limit`, killing it after that. Its stdout and
+/// stderr are drained meanwhile (a child writing more than a pipe holds
+/// would otherwise block and never exit).
 pub fn wait_bounded(mut child: Child, limit: Duration) -> std::process::Output {
+    fn drain(
+        pipe: Option<impl std::io::Read + Send + 'static>,
+    ) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
             panic!(
                 "a child process ran longer than {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&stderr)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 
@@ -489,4 +511,30 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A loopback TCP port nobody listens on, picked below the kernel's
+/// ephemeral range (as kube-lab.sh does): port-0 listeners and outgoing
+/// connections of concurrent tests cannot take it meanwhile. A process
+/// started on it may still lose a race; callers retry on "address already in use".
+pub fn free_port() -> u16 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id().wrapping_mul(2_654_435_761)
+        ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503);
+    for i in 0..500u32 {
+        let port = 10_000 + (seed.wrapping_add(i.wrapping_mul(7_919))) % (low - 10_000);
+        let port = port as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {low}");
 }

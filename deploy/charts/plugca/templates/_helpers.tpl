@@ -41,11 +41,11 @@ change, instead of surfacing as a crash loop.
 */}}
 {{- define "plugca.validate" -}}
 {{- $app := .Values.app -}}
-{{- if $app.tls.selfSigned.secretName -}}
-{{- fail "app.tls.selfSigned.secretName is not supported yet: plugca has no flag to keep its self-signed root in a Secret. Plug in a cacerts Secret (app.tls.cacerts.secretName), or run one replica on a self-signed root." -}}
+{{- if and $app.tls.selfSigned.secretName $app.tls.cacerts.secretName -}}
+{{- fail (printf "app.tls.selfSigned.secretName (%s) and app.tls.cacerts.secretName (%s) are both set: a plugged-in CA always wins, so the self-signed Secret would never be used. Set app.tls.cacerts.secretName to \"\" for a self-signed root, or drop app.tls.selfSigned.secretName." $app.tls.selfSigned.secretName $app.tls.cacerts.secretName) -}}
 {{- end -}}
-{{- if and (gt (int .Values.replicaCount) 1) (not $app.tls.cacerts.secretName) -}}
-{{- fail (printf "replicaCount is %d but no CA is plugged in (app.tls.cacerts.secretName is empty): every replica would generate its own root and workloads would not trust each other. Plug in a cacerts Secret or set replicaCount to 1." (int .Values.replicaCount)) -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not $app.tls.cacerts.secretName) (not $app.tls.selfSigned.secretName) -}}
+{{- fail (printf "replicaCount is %d but no CA is plugged in (app.tls.cacerts.secretName is empty): every replica would generate its own root and workloads would not trust each other. Plug in a cacerts Secret, keep the self-signed root in a Secret all replicas share (app.tls.selfSigned.secretName), or set replicaCount to 1." (int .Values.replicaCount)) -}}
 {{- end -}}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (add (int $app.server.drainTimeoutSeconds) 5 | int) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least app.server.drainTimeoutSeconds + 5 (%d): the kubelet would kill plugca while it drains in-flight requests." (int .Values.terminationGracePeriodSeconds) (add (int $app.server.drainTimeoutSeconds) 5 | int)) -}}
