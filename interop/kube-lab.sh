@@ -4,6 +4,7 @@
 #
 #   interop/kube-lab.sh up STATE_DIR [--remote] [--owner-pid PID]
 #   interop/kube-lab.sh down STATE_DIR [--purge]
+#   interop/kube-lab.sh stop-apiserver|start-apiserver STATE_DIR local|remote
 #
 # `up` generates a CA, the apiserver's serving cert, an admin client cert (O=system:masters) and kubeconfig,
 # a service-account signing key and issuer; starts etcd and kube-apiserver (RBAC, free ports) and waits
@@ -13,6 +14,8 @@
 # Everything lands in STATE_DIR; STATE_DIR/env lists the kubeconfigs, URLs, pids and log paths.
 # `down` stops everything `up` started (pids from STATE_DIR/env) and keeps the logs; with --purge it then
 # deletes STATE_DIR unless a file STATE_DIR/keep exists (the tests create it when one fails).
+# `stop-apiserver` stops one cluster's kube-apiserver (an outage: etcd stays up); `start-apiserver` starts it
+# again with the same port, flags and keys and waits (bounded) for /readyz.
 #
 # Tools: $PLUGCA_INTEROP_BIN if set, else the folder `interop/tools.sh --bin-dir` prints
 # (etcd, kube-apiserver, kubectl; build them with interop/tools.sh etcd kube-apiserver kubectl).
@@ -128,18 +131,9 @@ start_apiserver() {
 	openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$dir/sa.key" 2>/dev/null
 	openssl pkey -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
 
-	# --endpoint-reconciler-type=none: no loopback endpoints for the kubernetes Service (nothing routes there).
-	# --disable-admission-plugins=ServiceAccount is not needed: pods name a ServiceAccount that exists (tests create it).
-	setsid "$bin/kube-apiserver" --etcd-servers="$ETCD_URL" --etcd-prefix="$prefix" \
-		--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$port" \
-		--endpoint-reconciler-type=none \
-		--tls-cert-file="$dir/apiserver.crt" --tls-private-key-file="$dir/apiserver.key" --client-ca-file="$dir/ca.crt" \
-		--service-account-issuer="$issuer" \
-		--service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
-		--service-cluster-ip-range=10.96.0.0/16 --authorization-mode=Node,RBAC --allow-privileged=true \
-		--profiling=false --v=1 \
-		>"$dir/apiserver.log" 2>&1 </dev/null &
-	local pid=$!
+	: >"$dir/apiserver.log"
+	launch_apiserver "$name" "$prefix" "$port"
+	local pid=$APISERVER_PID
 	local kc=$dir/admin.kubeconfig
 	local k=("$bin/kubectl" "--kubeconfig=$kc")
 	"${k[@]}" config set-cluster "$name" --server="https://127.0.0.1:$port" --certificate-authority="$dir/ca.crt" --embed-certs >/dev/null
@@ -156,6 +150,70 @@ start_apiserver() {
 	log "$name apiserver ready at https://127.0.0.1:$port (kubeconfig $kc)"
 }
 
+# Starts the kube-apiserver of cluster NAME (its files already in STATE/NAME) on PORT; sets APISERVER_PID.
+launch_apiserver() { # NAME PREFIX PORT
+	local name=$1 prefix=$2 port=$3 dir=$state/$1
+	# --endpoint-reconciler-type=none: no loopback endpoints for the kubernetes Service (nothing routes there).
+	# --disable-admission-plugins=ServiceAccount is not needed: pods name a ServiceAccount that exists (tests create it).
+	setsid "$bin/kube-apiserver" --etcd-servers="$ETCD_URL" --etcd-prefix="$prefix" \
+		--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$port" \
+		--endpoint-reconciler-type=none \
+		--tls-cert-file="$dir/apiserver.crt" --tls-private-key-file="$dir/apiserver.key" --client-ca-file="$dir/ca.crt" \
+		--service-account-issuer="https://kubernetes.default.svc.$name.lab" \
+		--service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
+		--service-cluster-ip-range=10.96.0.0/16 --authorization-mode=Node,RBAC --allow-privileged=true \
+		--profiling=false --v=1 \
+		>>"$dir/apiserver.log" 2>&1 </dev/null &
+	APISERVER_PID=$!
+}
+
+# The last value of VAR in STATE/env.
+env_value() { sed -n "s/^$1=//p" "$state/env" | tail -n1; }
+
+# Kills PID (TERM, then KILL after 5 s) and waits for it to exit.
+stop_pid() {
+	local pid=$1
+	kill "$pid" 2>/dev/null || return 0
+	for _ in $(seq 1 50); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.1
+	done
+	kill -9 "$pid" 2>/dev/null || true
+	for _ in $(seq 1 50); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.1
+	done
+}
+
+# `stop-apiserver`/`start-apiserver`: an outage of one cluster's API server (etcd and the other cluster stay up).
+apiserver_outage() { # stop|start NAME
+	local what=$1 name=$2 upper pid port server
+	[[ -f "$state/env" ]] || die "$state/env missing: no lab is running there"
+	[[ "$name" == local || "$name" == remote ]] || die "cluster must be local or remote, not '$name'"
+	upper=$(tr '[:lower:]' '[:upper:]' <<<"$name")
+	pid=$(env_value "${upper}_APISERVER_PID")
+	[[ -n "$pid" ]] || die "no $name apiserver in $state/env"
+	if [[ "$what" == stop ]]; then
+		stop_pid "$pid"
+		log "$name apiserver (pid $pid) stopped"
+		return
+	fi
+	kill -0 "$pid" 2>/dev/null && die "$name apiserver (pid $pid) is still running"
+	bin=$(env_value BIN_DIR)
+	ETCD_URL=$(env_value ETCD_URL)
+	server=$(env_value "${upper}_SERVER")
+	port=${server##*:}
+	# Same port, flags, keys and etcd prefix: clients keep their kubeconfigs and tokens.
+	launch_apiserver "$name" "$(env_value "${upper}_ETCD_PREFIX")" "$port"
+	record "${upper}_APISERVER_PID=$APISERVER_PID"
+	if ! wait_for "$READY_TIMEOUT" "$state/$name/apiserver.log" "kube-apiserver ($name, restarted)" \
+		"$bin/kubectl" "--kubeconfig=$(env_value "${upper}_KUBECONFIG")" get --raw /readyz; then
+		stop_pid "$APISERVER_PID"
+		return 1
+	fi
+	log "$name apiserver restarted on port $port (pid $APISERVER_PID)"
+}
+
 record() { printf '%s\n' "$@" >>"$state/env"; }
 
 # Kills the pids named *_PID in STATE/env (apiservers first, then etcd); waits (bounded) for them to exit.
@@ -166,12 +224,7 @@ down() {
 		pid=$(sed -n "s/^$var=//p" "$env" | tail -n1)
 		[[ -n "$pid" ]] || continue
 		[[ "$var" == WATCHDOG_PID && "$pid" == "${KUBE_LAB_SELF:-}" ]] && continue
-		kill "$pid" 2>/dev/null || continue
-		for _ in $(seq 1 50); do
-			kill -0 "$pid" 2>/dev/null || break
-			sleep 0.1
-		done
-		kill -9 "$pid" 2>/dev/null || true
+		stop_pid "$pid"
 	done
 	mv "$env" "$env.down"
 }
@@ -181,6 +234,12 @@ cmd=${1:-}
 mkdir -p "$2"
 state=$(cd "$2" && pwd)
 shift 2
+case "$cmd" in
+stop-apiserver | start-apiserver)
+	apiserver_outage "${cmd%-apiserver}" "${1:-}"
+	exit
+	;;
+esac
 remote=false owner='' purge=false
 while (($#)); do
 	case "$1" in

@@ -144,7 +144,10 @@ build() { # NAME
 		;;
 	istio-agent-client)
 		pin_module "$here/istio-agent-client" istio.io/istio "$ISTIO_VERSION"
-		(cd "$here/istio-agent-client" && run_go build -trimpath -tags agent,disable_pgv -o "$out.tmp" .)
+		# pilot-agent's tags: the client is built like the agent it stands for, and packages compiled for
+		# pilot-agent are reused (grpcnotrace changes google.golang.org/grpc, so other tags recompile every
+		# package above it; measured 16 s instead of 6 s after pilot-agent).
+		(cd "$here/istio-agent-client" && run_go build -trimpath -tags agent,disable_pgv,grpcnotrace,retrynotrace -o "$out.tmp" .)
 		client_source_hash >"$out.src"
 		;;
 	helm)

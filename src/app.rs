@@ -270,7 +270,7 @@ impl App {
             .map(|(_, client)| client.clone());
         let controllers = crate::controllers::announce(&config.controllers, local_client)
             .map(|client| (client, config.controllers.clone()));
-        let impersonation = impersonation(config, clusters.as_deref()).await?;
+        let impersonation = impersonation(config, clusters.as_deref(), &metrics).await?;
         let (faults, issued_log) = fault_harness(config);
         info!(authenticators = ?authenticators.names(), lab_mode = config.authn.insecure_trust_csr_identity, "authentication");
         let service = CertificateService::new(
@@ -635,6 +635,7 @@ async fn authenticators(
 async fn impersonation(
     config: &Config,
     clusters: Option<&Clusters>,
+    metrics: &Metrics,
 ) -> Result<Impersonation, AppError> {
     let trusted = config.impersonation.trusted_node_accounts.clone();
     if trusted.is_empty() {
@@ -646,7 +647,13 @@ async fn impersonation(
         .as_deref()
         .map(|p| Policy::load(p, &trusted))
         .transpose()?;
-    let node = clusters.map(NodeAuthorizer::start);
+    let node = clusters.map(|c| {
+        NodeAuthorizer::start(
+            c,
+            config.impersonation.node_authz_max_staleness,
+            &metrics.node_authz,
+        )
+    });
     if let Some(node) = &node {
         let pending = node.wait_synced(INITIAL_POD_SYNC_WAIT).await;
         if !pending.is_empty() {
@@ -657,6 +664,7 @@ async fn impersonation(
         trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
         policy = ?config.impersonation.policy_file,
         node_authorization = node.is_some(),
+        max_staleness = ?config.impersonation.node_authz_max_staleness,
         "impersonation enabled"
     );
     Ok(Impersonation::new(trusted, policy, node))

@@ -32,6 +32,7 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_TOKEN_AUDIENCES: &str = "istio-ca";
 pub const DEFAULT_KUBE_API_TIMEOUT: &str = "5s";
 pub const DEFAULT_TOKEN_REVIEW_CACHE_TTL: &str = "60s";
+pub const DEFAULT_NODE_AUTHZ_MAX_STALENESS: &str = "30s";
 
 /// Flags of `plugca serve`. Each can also be set from the environment variable shown.
 #[derive(Debug, Clone, Args)]
@@ -216,6 +217,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PLUGCA_IMPERSONATION_POLICY")]
     pub impersonation_policy: Option<PathBuf>,
 
+    /// How long node authorization may keep answering from the last known
+    /// pods while a cluster's pod watch fails. Past it, impersonation there
+    /// gets UNAVAILABLE (clients retry) until the watch has re-listed.
+    #[arg(long, env = flag::NODE_AUTHZ_MAX_STALENESS.env, default_value = DEFAULT_NODE_AUTHZ_MAX_STALENESS)]
+    pub node_authz_max_staleness: String,
+
     /// Log format.
     #[arg(long, env = "PLUGCA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -276,10 +283,23 @@ pub struct JwtRuleConfig {
 
 /// Who may impersonate, and what checks the targets. With Kubernetes access,
 /// node authorization always applies; the policy file, if any, narrows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImpersonationConfig {
     pub trusted_node_accounts: Vec<NodeAccount>,
     pub policy_file: Option<PathBuf>,
+    /// `--node-authz-max-staleness`.
+    pub node_authz_max_staleness: Duration,
+}
+
+impl Default for ImpersonationConfig {
+    fn default() -> Self {
+        ImpersonationConfig {
+            trusted_node_accounts: Vec::new(),
+            policy_file: None,
+            node_authz_max_staleness: duration::parse(DEFAULT_NODE_AUTHZ_MAX_STALENESS)
+                .expect("the default is a valid duration"),
+        }
+    }
 }
 
 /// Validated server configuration, grouped by the part of the server that
@@ -509,6 +529,10 @@ mod flag {
         Flag::new("--token-review-cache-ttl", "PLUGCA_TOKEN_REVIEW_CACHE_TTL");
     pub(super) const LOG_BUFFER_LINES: Flag =
         Flag::new("--log-buffer-lines", "PLUGCA_LOG_BUFFER_LINES");
+    pub(super) const NODE_AUTHZ_MAX_STALENESS: Flag = Flag::new(
+        "--node-authz-max-staleness",
+        "PLUGCA_NODE_AUTHZ_MAX_STALENESS",
+    );
     pub(super) const SELF_SIGNED_SECRET: Flag =
         Flag::new("--self-signed-secret", "PLUGCA_SELF_SIGNED_SECRET");
 
@@ -536,6 +560,7 @@ mod flag {
         TRUST_DOMAIN_ALIASES,
         TOKEN_REVIEW_CACHE_TTL,
         LOG_BUFFER_LINES,
+        NODE_AUTHZ_MAX_STALENESS,
         SELF_SIGNED_SECRET,
     ];
 }
@@ -713,6 +738,8 @@ impl ServeArgs {
         Ok(ImpersonationConfig {
             trusted_node_accounts,
             policy_file: self.impersonation_policy.clone(),
+            node_authz_max_staleness: flag::NODE_AUTHZ_MAX_STALENESS
+                .positive_duration(&self.node_authz_max_staleness)?,
         })
     }
 
@@ -1190,5 +1217,26 @@ mod tests {
                 .ca
                 .self_signed
         );
+    }
+
+    #[test]
+    fn node_authorization_trusts_a_failing_pod_watch_for_thirty_seconds_by_default() {
+        let c = parse(&[]).unwrap().impersonation;
+        assert_eq!(c.node_authz_max_staleness, Duration::from_secs(30));
+        let c = parse(&["--node-authz-max-staleness", "5s"])
+            .unwrap()
+            .impersonation;
+        assert_eq!(c.node_authz_max_staleness, Duration::from_secs(5));
+        for bad in ["0s", "soon"] {
+            let e = parse(&["--node-authz-max-staleness", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "--node-authz-max-staleness (env PLUGCA_NODE_AUTHZ_MAX_STALENESS): \"{bad}\""
+                )),
+                "{e}"
+            );
+        }
     }
 }

@@ -197,6 +197,8 @@ pub struct Metrics {
     /// Connections, streams and refusals of the listeners.
     pub net: crate::net::NetMetrics,
     pub hardening: HardeningMetrics,
+    /// Health of the pod caches behind Kubernetes node authorization.
+    pub node_authz: crate::impersonation::node::NodeAuthMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -237,12 +239,14 @@ impl Metrics {
             controllers: Default::default(),
             net: crate::net::NetMetrics::default(),
             hardening: HardeningMetrics::default(),
+            node_authz: Default::default(),
             registry: Registry::default(),
         };
         m.controllers.register(&mut registry);
         m.net.register(&mut registry);
         m.hardening.register(&mut registry);
         crate::logging::register(&mut registry);
+        m.node_authz.register(&mut registry);
         registry.register(
             "citadel_server_csr_count",
             "The number of CSRs received by Citadel server",

@@ -73,15 +73,20 @@ fn pem_blocks(text: &str) -> Vec<String> {
 /// The written chain verifies (openssl) against the plugged root, not the
 /// root the agent wrote; `root-cert.pem` is that root; returns the leaf.
 fn check_written_certs(out: &Path, server: &Server) -> String {
+    check_written_certs_against(out, &server.root_pem)
+}
+
+/// [`check_written_certs`] with the plugged root given as PEM.
+fn check_written_certs_against(out: &Path, root_pem: &str) -> String {
     let chain = pem_blocks(&std::fs::read_to_string(out.join("cert-chain.pem")).unwrap());
     assert!(chain.len() >= 2, "cert-chain.pem holds the whole chain");
     let mut to_verify = chain[..chain.len() - 1].to_vec();
-    to_verify.push(server.root_pem.clone());
+    to_verify.push(root_pem.to_string());
     let (ok, text) = openssl_verify(&to_verify, "sslclient");
     assert!(ok, "{text}");
     assert_eq!(
         pem_blocks(&std::fs::read_to_string(out.join("root-cert.pem")).unwrap()),
-        pem_blocks(&server.root_pem)
+        pem_blocks(root_pem)
     );
     assert!(
         std::fs::read_to_string(out.join("key.pem"))
@@ -525,4 +530,217 @@ async fn a_short_lived_certificate_is_backdated_by_at_most_a_quarter_of_its_life
         "NotAfter - NotBefore = {lifetime} s for a 60 s TTL"
     );
     server.stop().await;
+}
+
+/// A plugca process (the built binary) on a fixed gRPC port, logging to a file.
+struct PlugcaProcess {
+    child: KillOnDrop,
+    log: PathBuf,
+}
+
+impl PlugcaProcess {
+    /// Starts `plugca serve` on 127.0.0.1:`grpc_port` and waits (bounded) until it accepts connections.
+    fn start(grpc_port: u16, args: &[String], log: PathBuf) -> PlugcaProcess {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_plugca"))
+            .args(["serve", "--grpc-addr"])
+            .arg(format!("127.0.0.1:{grpc_port}"))
+            .args(["--monitoring-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let process = PlugcaProcess {
+            child: KillOnDrop(child),
+            log,
+        };
+        kube_lab::eventually(Duration::from_secs(60), "plugca listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", grpc_port))
+                .ok()
+                .map(|_| ())
+        });
+        process
+    }
+
+    /// SIGKILL: no drain, connections reset, the port closes at once.
+    fn kill(mut self) {
+        self.child.0.kill().unwrap();
+        self.child.0.wait().unwrap();
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Issue 9 item 4, "retries on UNAVAILABLE (plugca restarted mid-run)": the
+/// Go client runs with a short SECRET_TTL; after its first certificate plugca
+/// is SIGKILLed, the rotation falls into the outage and fails, then plugca is
+/// started again on the same port with the same plugged CA, and the client's
+/// retries carry it to a renewed certificate.
+///
+/// What real istio-agent retries (read in the pinned istio.io/istio):
+/// - every CSR RPC goes through `security.CARetryInterceptor`
+///   (pkg/security/retry.go): at most 5 attempts, exponential backoff from
+///   100 ms with 10 % jitter, on Canceled, DeadlineExceeded,
+///   ResourceExhausted, Aborted, Internal and Unavailable (about 1.5 s in all,
+///   shorter than a restart);
+/// - a failed `CSRSign` rebuilds its gRPC connection
+///   (security/pkg/nodeagent/caclient/providers/citadel/client.go `reconnect`),
+///   so the next attempt dials afresh instead of waiting out gRPC's reconnect backoff;
+/// - with DISABLE_ENVOY, `getWorkloadCerts` (pkg/istio-agent/agent.go) retries
+///   `GenerateSecret` forever with `backoff.NewExponentialBackOff(backoff.DefaultOption())`
+///   (500 ms, x1.5 with jitter, at most 60 s), also from the rotation handler;
+///   with Envoy, SDS returns the error and Envoy retries.
+///
+/// The Go client's fetch loop is that last loop, with the same Istio backoff.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_go_client_rides_out_a_plugca_restart_on_the_same_port_and_renews() {
+    let Some(p) = peers("istio-agent-client") else {
+        return;
+    };
+    let w = Workload::new(p.lab, Cluster::Local, "restart");
+    let dir = tempfile::tempdir().unwrap();
+    let root_pem = std::fs::read_to_string(Path::new(CERTS).join("root-cert.pem")).unwrap();
+    let mut plugca_args = server_args(Path::new(CERTS), &[]);
+    plugca_args.extend(p.lab.plugca_args(dir.path(), LOCAL_ID, REMOTE_ID));
+    let port = free_port();
+    let first = PlugcaProcess::start(port, &plugca_args, dir.path().join("plugca-1.log"));
+
+    let root = write_file(dir.path(), "ca-root.pem", &root_pem);
+    let mut args = workload_args(dir.path(), &w, "out");
+    // The first certificate, then one rotation (at about half of 20 s) that must survive the outage.
+    args.extend([
+        format!("-ca-addr=localhost:{port}"),
+        format!("-ca-root-ca={}", root.display()),
+        "-secret-ttl=20s".into(),
+        "-rotations=1".into(),
+        "-timeout=150s".into(),
+    ]);
+    let mut child = Command::new(p.bin.join("istio-agent-client"))
+        .args(&args)
+        .current_dir(dir.path())
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("client.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut client = KillOnDrop(child);
+    let (tx, events) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let client_log = || std::fs::read_to_string(dir.path().join("client.log")).unwrap_or_default();
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut next_event =
+        |what: &str, limit: Duration, want: &dyn Fn(&serde_json::Value) -> bool| {
+            let deadline = Instant::now() + limit;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match events.recv_timeout(left) {
+                    Ok(e) => {
+                        seen.push(e.clone());
+                        if want(&e) {
+                            return e;
+                        }
+                    }
+                    Err(_) => panic!(
+                        "{what}: not within {limit:?}; events {seen:?}; client log:\n{}",
+                        client_log()
+                    ),
+                }
+            }
+        };
+
+    let issued = |e: &serde_json::Value| e["event"] == "issued";
+    let one = next_event("first certificate", Duration::from_secs(40), &issued);
+    assert_eq!(one["uri_sans"][0], w.spiffe_id().as_str());
+    check_written_certs_against(&dir.path().join("out"), &root_pem);
+    first.kill();
+    let killed = Instant::now();
+
+    // The rotation (about 10 s after the first certificate) meets a closed port.
+    let error = next_event(
+        "an error while plugca is down",
+        Duration::from_secs(40),
+        &|e| e["event"] == "error" || e["event"] == "issued",
+    );
+    assert_eq!(
+        error["event"], "error",
+        "issued while plugca was down: {error}"
+    );
+    let message = error["error"].as_str().unwrap();
+    assert!(message.contains("code = Unavailable"), "{message}");
+    eprintln!(
+        "first failed rotation {:.1?} after the kill: {message}",
+        killed.elapsed()
+    );
+    // Stay down for a second failed fetch: the retry loop goes on.
+    let again = next_event(
+        "a second error while plugca is down",
+        Duration::from_secs(30),
+        &|e| e["event"] == "error" || e["event"] == "issued",
+    );
+    assert_eq!(
+        again["event"], "error",
+        "issued while plugca was down: {again}"
+    );
+
+    let second = PlugcaProcess::start(port, &plugca_args, dir.path().join("plugca-2.log"));
+    let restarted = Instant::now();
+    // Istio's backoff waits at most 60 s between attempts.
+    let two = next_event(
+        "a certificate after the restart",
+        Duration::from_secs(90),
+        &issued,
+    );
+    eprintln!(
+        "renewed {:.1?} after the restart; {} failed fetches in between",
+        restarted.elapsed(),
+        seen.iter().filter(|e| e["event"] == "error").count()
+    );
+    assert_eq!(two["uri_sans"][0], w.spiffe_id().as_str());
+    assert_ne!(two["serial"], one["serial"], "a renewed certificate");
+    // -rotations=1: the client exits once the renewed certificate is written.
+    let status = kube_lab::eventually(Duration::from_secs(30), "client exit", || {
+        client.0.try_wait().unwrap()
+    });
+    assert!(
+        status.success(),
+        "client exit: {status:?}\n{}",
+        client_log()
+    );
+    let leaf = check_written_certs_against(&dir.path().join("out"), &root_pem);
+    // Go prints the serial as big.Int.Text(16): lower-case hex, no leading zeros.
+    let hex: String = leaf_facts(&leaf)
+        .serial
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        hex.trim_start_matches('0'),
+        two["serial"].as_str().unwrap(),
+        "the written certificate is the renewed one"
+    );
+    assert!(
+        second
+            .log_text()
+            .lines()
+            .any(|l| l.contains("certificate issued") && l.contains(&w.spiffe_id())),
+        "the restarted plugca issued it:\n{}",
+        second.log_text()
+    );
 }

@@ -408,3 +408,132 @@ async fn ztunnel_whose_own_pod_is_gone_may_not_impersonate() {
     );
     server.stop().await;
 }
+
+/// Issue 9 item 3, "if the watch breaks, impersonation fails closed": the
+/// apiserver of a lab of this test's own is stopped for real (its process
+/// ends, so plugca's watch connection drops and every re-list is refused).
+/// ztunnel's token review is cached, so while the pod cache is within
+/// `--node-authz-max-staleness` the last known pods still answer; past it,
+/// impersonation gets UNAVAILABLE (and ztunnel's own certificate is still
+/// issued: only node authorization is out). Once the apiserver is back, the
+/// watch re-lists and impersonation works again.
+#[tokio::test(flavor = "multi_thread")]
+async fn impersonation_fails_closed_while_the_pod_watch_is_broken_and_recovers_when_it_resyncs() {
+    let Some(lab) = kube_lab::private_lab() else {
+        return;
+    };
+    let node = unique("outage-node");
+    let (_zt_pod, zt_token) = ztunnel_on(&lab, &node);
+    let ns = lab.namespace(Cluster::Local, "outage");
+    lab.service_account(Cluster::Local, &ns, "sa-a");
+    lab.pod_on_node(Cluster::Local, &ns, "a-here", "sa-a", &node);
+    let target = format!("spiffe://cluster.local/ns/{ns}/sa/sa-a");
+
+    let mut args = server_args(
+        std::path::Path::new(CERTS),
+        &[
+            "--trusted-node-accounts",
+            "istio-system/ztunnel",
+            "--cluster-id",
+            LOCAL_ID,
+            "--node-authz-max-staleness",
+            "3s",
+            // Longer than the outage: authentication is answered from the cache,
+            // so what fails is node authorization alone.
+            "--token-review-cache-ttl",
+            "10m",
+        ],
+    );
+    args.extend([
+        "--kubeconfig".to_string(),
+        lab.kubeconfig(Cluster::Local).display().to_string(),
+    ]);
+    let server = Server::start(&args).await;
+    let mut client = server.client().await;
+    until_outcome(&mut client, &zt_token, &target, true, "before the outage").await;
+    let stale = format!("plugca_node_authz_pod_cache_stale{{cluster=\"{LOCAL_ID}\"}}");
+    assert_eq!(metric(&server, &stale).await.as_deref(), Some("0"));
+
+    lab.stop_apiserver(Cluster::Local);
+    let stopped = std::time::Instant::now();
+    // The watch sees the drop at once and its first re-watch is refused; 3 s
+    // later the cache is stale. Until then the last known pods answer.
+    let limit = Duration::from_secs(30);
+    loop {
+        let (csr_pem, opts) = impersonating(&zt_token, &target);
+        match request(&mut client, csr_pem, &opts).await {
+            Ok(_) => {}
+            Err((Code::Unavailable, message)) => {
+                assert_eq!(message, "request authentication is temporarily unavailable");
+                break;
+            }
+            Err(e) => panic!("during the outage: {e:?}, want UNAVAILABLE"),
+        }
+        assert!(
+            stopped.elapsed() < limit,
+            "impersonation still allowed {limit:?} after the apiserver stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "UNAVAILABLE {:.1?} after the apiserver stopped",
+        stopped.elapsed()
+    );
+    assert_eq!(metric(&server, &stale).await.as_deref(), Some("1"));
+    let errors = format!("plugca_node_authz_pod_watch_errors_total{{cluster=\"{LOCAL_ID}\"}}");
+    let n: u64 = metric(&server, &errors).await.unwrap().parse().unwrap();
+    assert!(n >= 1, "{errors} = {n}");
+    // ztunnel's own certificate needs no pod cache (its token review is cached).
+    let own = RequestOptions {
+        bearer_token: Some(zt_token.clone()),
+        cluster_id: Some(LOCAL_ID.to_string()),
+        ttl_secs: 3600,
+        ..Default::default()
+    };
+    let chain = request(&mut client, sidecar_csr(), &own).await.unwrap();
+    assert_eq!(leaf_facts(&chain[0]).uris, [ZTUNNEL_ID]);
+    // It stays closed while the apiserver is down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (csr_pem, opts) = impersonating(&zt_token, &target);
+    assert_eq!(
+        request(&mut client, csr_pem, &opts).await.unwrap_err().0,
+        Code::Unavailable
+    );
+
+    lab.start_apiserver(Cluster::Local);
+    let restarted = std::time::Instant::now();
+    // The watch retries with kube-runtime's backoff (at most 30 s apart), then re-lists.
+    let limit = Duration::from_secs(60);
+    loop {
+        let (csr_pem, opts) = impersonating(&zt_token, &target);
+        match request(&mut client, csr_pem, &opts).await {
+            Ok(chain) => {
+                assert_eq!(leaf_facts(&chain[0]).uris, std::slice::from_ref(&target));
+                break;
+            }
+            Err((Code::Unavailable, _)) => {}
+            Err(e) => panic!("after the restart: {e:?}, want UNAVAILABLE then issued"),
+        }
+        assert!(
+            restarted.elapsed() < limit,
+            "impersonation still UNAVAILABLE {limit:?} after the apiserver came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "issued again {:.1?} after the apiserver restarted",
+        restarted.elapsed()
+    );
+    assert_eq!(metric(&server, &stale).await.as_deref(), Some("0"));
+    // The re-listed cache is watched again: a deleted pod is seen.
+    lab.delete_pod_force(Cluster::Local, &ns, "a-here");
+    until_outcome(
+        &mut client,
+        &zt_token,
+        &target,
+        false,
+        "deleted after the restart",
+    )
+    .await;
+    server.stop().await;
+}

@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"istio.io/istio/pkg/backoff"
 	"istio.io/istio/pkg/security"
 	"istio.io/istio/security/pkg/credentialfetcher/plugin"
 	"istio.io/istio/security/pkg/nodeagent/cache"
@@ -204,8 +205,12 @@ func main() {
 		failed   = make(chan struct{})
 		failOnce sync.Once
 	)
-	// getWorkloadCerts in the agent: "default" then "ROOTCA", each retried; GenerateSecret writes the files.
+	// getWorkloadCerts in the agent (pkg/istio-agent/agent.go, DISABLE_ENVOY): "default" then "ROOTCA",
+	// retried forever with Istio's backoff.NewExponentialBackOff(backoff.DefaultOption()) (500 ms growing
+	// 1.5x with jitter to 60 s); GenerateSecret writes the files. Each attempt is one CSRSign, which itself
+	// retries retryable codes (security.CARetryInterceptor) and rebuilds its connection after a failure.
 	fetch := func() {
+		b := backoff.NewExponentialBackOff(backoff.DefaultOption())
 		for failures := 0; ; {
 			item, err := sm.GenerateSecret(security.WorkloadKeyCertResourceName)
 			if err == nil {
@@ -231,7 +236,7 @@ func main() {
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(backoff(failures)):
+			case <-time.After(b.NextBackOff()):
 			}
 		}
 	}
@@ -254,12 +259,6 @@ func main() {
 		}
 		// A signal: stop as the agent does.
 	}
-}
-
-// backoff is the agent's exponential backoff (100 ms doubling), capped at 5 s so a test sees retries quickly.
-func backoff(failures int) time.Duration {
-	d := 100 * time.Millisecond << min(failures, 6)
-	return min(d, 5*time.Second)
 }
 
 // describe turns an issued secret into its event line.

@@ -5,20 +5,34 @@
 //! the same node.
 //!
 //! Pods come from one watch per cluster (kube-runtime's `watcher`: list, then
-//! watch, re-listing with backoff after errors), kept as a small index with
-//! only the facts needed and a per-node count of service accounts, so a
-//! request is two hash lookups and never an API call. kube-runtime's
-//! `reflector` store is not used because it keeps whole Pod objects and can
-//! only look pods up by name, which would mean scanning every pod per request.
+//! watch), kept as a small index with only the facts needed and a per-node
+//! count of service accounts, so a request is two hash lookups and never an
+//! API call. kube-runtime's `reflector` store is not used because it keeps
+//! whole Pod objects and can only look pods up by name, which would mean
+//! scanning every pod per request.
+//!
+//! The cache fails closed. After a watch error the watcher is started afresh
+//! (with backoff), so the next success is a complete re-list, as client-go's
+//! reflector does; until then the last known pods still answer, but only for
+//! `--node-authz-max-staleness`. Past that, impersonation in that cluster gets
+//! UNAVAILABLE (clients retry) and `plugca_node_authz_pod_cache_stale` is 1,
+//! until a re-list completes. A watch that hangs without an error is ended
+//! by kube-runtime's idle timeout (the server-side watch timeout, 290 s, plus
+//! 5 s); the next watch start then fails or succeeds like any other.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt as _;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::{self, DefaultBackoff, Event};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio_stream::StreamExt as _;
 use tracing::{info, warn};
 
@@ -41,6 +55,14 @@ pub enum NodeAuthError {
         "the pod cache of cluster {cluster:?} has not completed its first list yet; retry later"
     )]
     NotSynced { cluster: String },
+    #[error(
+        "the pod cache of cluster {cluster:?} is stale: its watch has been failing for {failing_secs} s, longer than --node-authz-max-staleness ({max_staleness:?}); retry later"
+    )]
+    Stale {
+        cluster: String,
+        failing_secs: u64,
+        max_staleness: Duration,
+    },
     #[error("pod {namespace}/{name} not found in cluster {cluster:?}")]
     PodNotFound {
         cluster: String,
@@ -82,9 +104,12 @@ pub enum NodeAuthError {
 }
 
 impl NodeAuthError {
-    /// The cache cannot decide yet: UNAVAILABLE (clients retry).
+    /// The cache cannot decide (not listed yet, or stale): UNAVAILABLE (clients retry).
     pub fn is_transient(&self) -> bool {
-        matches!(self, NodeAuthError::NotSynced { .. })
+        matches!(
+            self,
+            NodeAuthError::NotSynced { .. } | NodeAuthError::Stale { .. }
+        )
     }
 }
 
@@ -255,10 +280,106 @@ impl PodIndex {
     }
 }
 
+/// Metrics of node authorization, one series per cluster id (the configured
+/// clusters, so the label is bounded).
+#[derive(Debug, Default)]
+pub struct NodeAuthMetrics {
+    stale: Family<ClusterLabels, Gauge>,
+    watch_errors: Family<ClusterLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+impl NodeAuthMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "plugca_node_authz_pod_cache_stale",
+            "1 while a cluster's pod watch has been failing for longer than --node-authz-max-staleness: impersonation there gets UNAVAILABLE",
+            self.stale.clone(),
+        );
+        registry.register(
+            "plugca_node_authz_pod_watch_errors",
+            "Errors of a cluster's pod watch (each one restarts it with a full re-list after a backoff)",
+            self.watch_errors.clone(),
+        );
+    }
+
+    fn stale_gauge(&self, cluster: &str) -> Gauge {
+        self.stale
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .clone()
+    }
+
+    fn errors_counter(&self, cluster: &str) -> Counter {
+        self.watch_errors
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .clone()
+    }
+}
+
+/// What requests may trust of a cluster's pod cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheState {
+    /// No list has completed yet (failed first lists included).
+    Listing,
+    /// Listed, and the watch has not failed since.
+    Synced,
+    /// Listed once, but the watch failed at `since` and no re-list has
+    /// completed after it.
+    Failing { since: Instant },
+}
+
+impl CacheState {
+    /// Whether requests may still be answered from the index at `now`.
+    fn check(
+        self,
+        cluster: &str,
+        max_staleness: Duration,
+        now: Instant,
+    ) -> Result<(), NodeAuthError> {
+        match self {
+            CacheState::Listing => Err(NodeAuthError::NotSynced {
+                cluster: cluster.to_string(),
+            }),
+            CacheState::Synced => Ok(()),
+            CacheState::Failing { since } => {
+                let failing = now.saturating_duration_since(since);
+                if failing > max_staleness {
+                    Err(NodeAuthError::Stale {
+                        cluster: cluster.to_string(),
+                        failing_secs: failing.as_secs(),
+                        max_staleness,
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// The state after a watch error at `now`.
+    fn failed(self, now: Instant) -> CacheState {
+        match self {
+            CacheState::Listing => CacheState::Listing,
+            CacheState::Synced => CacheState::Failing { since: now },
+            failing @ CacheState::Failing { .. } => failing,
+        }
+    }
+}
+
 /// The watch-backed pod index of one cluster; the watch stops when dropped.
 struct PodCache {
     index: Arc<RwLock<PodIndex>>,
-    synced: tokio::sync::watch::Receiver<bool>,
+    state: tokio::sync::watch::Receiver<CacheState>,
+    max_staleness: Duration,
+    stale: Gauge,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -269,57 +390,154 @@ impl Drop for PodCache {
 }
 
 impl PodCache {
-    fn start(cluster: String, client: kube::Client) -> PodCache {
+    fn start(
+        cluster: String,
+        client: kube::Client,
+        max_staleness: Duration,
+        metrics: &NodeAuthMetrics,
+    ) -> PodCache {
         let index = Arc::new(RwLock::new(PodIndex::default()));
-        let (synced_tx, synced) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(watch_pods(cluster, client, index.clone(), synced_tx));
+        let (state_tx, state) = tokio::sync::watch::channel(CacheState::Listing);
+        let stale = metrics.stale_gauge(&cluster);
+        let health = Health {
+            errors: metrics.errors_counter(&cluster),
+            stale: stale.clone(),
+            cluster,
+            state: state_tx,
+            max_staleness,
+        };
+        let task = tokio::spawn(watch_pods(client, index.clone(), health));
         PodCache {
             index,
-            synced,
+            state,
+            max_staleness,
+            stale,
             task,
         }
     }
 }
 
-async fn watch_pods(
+/// The watch task's side of [`CacheState`]: publishes it, logs the
+/// transitions and keeps the metrics.
+struct Health {
     cluster: String,
-    client: kube::Client,
-    index: Arc<RwLock<PodIndex>>,
-    synced: tokio::sync::watch::Sender<bool>,
-) {
-    let api: Api<Pod> = Api::all(client);
-    // `any_semantic`: (re)lists are served from the API server's watch cache.
-    let stream = watcher::watcher(api, watcher::Config::default().any_semantic()).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    let mut relist: Option<PodIndex> = None;
-    let write = || index.write().unwrap_or_else(|p| p.into_inner());
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(Event::Init) => relist = Some(PodIndex::default()),
-            Ok(Event::InitApply(pod)) => {
-                if let Some(buf) = relist.as_mut() {
-                    buf.apply(&pod);
-                }
+    state: tokio::sync::watch::Sender<CacheState>,
+    max_staleness: Duration,
+    stale: Gauge,
+    errors: Counter,
+}
+
+impl Health {
+    fn current(&self) -> CacheState {
+        *self.state.borrow()
+    }
+
+    fn synced(&self, pods: usize) {
+        let before = self.state.send_replace(CacheState::Synced);
+        self.stale.set(0);
+        match before {
+            CacheState::Listing => {
+                info!(cluster = %self.cluster, pods, "pod cache synced; node authorization ready");
             }
-            Ok(Event::InitDone) => {
-                // A (re)list replaces the index at once, dropping pods deleted meanwhile.
-                if let Some(buf) = relist.take() {
-                    *write() = buf;
-                }
-                if !*synced.borrow() {
-                    let pods = write().len();
-                    info!(cluster = %cluster, pods, "pod cache synced; node authorization ready");
-                }
-                synced.send_replace(true);
-            }
-            Ok(Event::Apply(pod)) => write().apply(&pod),
-            Ok(Event::Delete(pod)) => write().delete(&pod),
-            Err(e) => warn!(
-                cluster = %cluster,
-                error = %e,
-                "pod watch failed; retrying with backoff (node authorization keeps the last known pods)"
+            CacheState::Failing { since } => info!(
+                cluster = %self.cluster,
+                pods,
+                failed_for = ?since.elapsed(),
+                "pod watch re-synced; node authorization answers from the new list"
+            ),
+            CacheState::Synced => {}
+        }
+    }
+
+    fn failed(&self, error: &watcher::Error, retry_in: Duration) {
+        self.errors.inc();
+        let state = self.current().failed(Instant::now());
+        self.state.send_replace(state);
+        match state {
+            CacheState::Failing { since } => warn!(
+                cluster = %self.cluster,
+                error = %error,
+                failing_for = ?since.elapsed(),
+                ?retry_in,
+                max_staleness = ?self.max_staleness,
+                "pod watch failed; re-listing after a backoff (node authorization keeps the last known pods for at most --node-authz-max-staleness, then answers UNAVAILABLE)"
+            ),
+            _ => warn!(
+                cluster = %self.cluster,
+                error = %error,
+                ?retry_in,
+                "pod list failed; retrying after a backoff (impersonation gets UNAVAILABLE until the first list completes)"
             ),
         }
+    }
+
+    /// Runs `work`; when the cache turns stale meanwhile, says so once (log
+    /// and gauge) and keeps waiting for `work`.
+    async fn run<F: Future>(&self, work: F) -> F::Output {
+        let CacheState::Failing { since } = self.current() else {
+            return work.await;
+        };
+        if self.stale.get() == 1 {
+            return work.await;
+        }
+        let mut work = std::pin::pin!(work);
+        tokio::select! {
+            out = &mut work => out,
+            () = tokio::time::sleep_until((since + self.max_staleness).into()) => {
+                self.stale.set(1);
+                warn!(
+                    cluster = %self.cluster,
+                    failing_for = ?since.elapsed(),
+                    max_staleness = ?self.max_staleness,
+                    "pod cache stale: node authorization answers UNAVAILABLE until the watch re-syncs"
+                );
+                work.await
+            }
+        }
+    }
+}
+
+async fn watch_pods(client: kube::Client, index: Arc<RwLock<PodIndex>>, health: Health) {
+    let api: Api<Pod> = Api::all(client);
+    // kube-runtime's (and client-go's) backoff: 0.8 s doubling to 30 s, reset after 2 min without errors.
+    let mut backoff = DefaultBackoff::default();
+    let write = || index.write().unwrap_or_else(|p| p.into_inner());
+    loop {
+        // `any_semantic`: (re)lists are served from the API server's watch cache.
+        let stream = watcher::watcher(api.clone(), watcher::Config::default().any_semantic());
+        let mut stream = std::pin::pin!(stream);
+        let mut relist: Option<PodIndex> = None;
+        let error = loop {
+            match health.run(stream.next()).await {
+                Some(Ok(Event::Init)) => relist = Some(PodIndex::default()),
+                Some(Ok(Event::InitApply(pod))) => {
+                    if let Some(buf) = relist.as_mut() {
+                        buf.apply(&pod);
+                    }
+                }
+                Some(Ok(Event::InitDone)) => {
+                    // A (re)list replaces the index at once, dropping pods deleted meanwhile.
+                    let pods = relist.as_ref().map_or(0, PodIndex::len);
+                    if let Some(buf) = relist.take() {
+                        *write() = buf;
+                    }
+                    health.synced(pods);
+                }
+                Some(Ok(Event::Apply(pod))) => write().apply(&pod),
+                Some(Ok(Event::Delete(pod))) => write().delete(&pod),
+                Some(Err(e)) => break Some(e),
+                // A watcher stream does not end; if it did, start a new one.
+                None => break None,
+            }
+        };
+        let retry_in = backoff.next().unwrap_or(Duration::from_secs(30));
+        if let Some(e) = &error {
+            // The watcher would only re-watch from its last resource version, which
+            // gives no event when nothing changed: a fresh watcher re-lists, so a
+            // recovery is always seen (InitDone).
+            health.failed(e, retry_in);
+        }
+        health.run(tokio::time::sleep(retry_in)).await;
     }
 }
 
@@ -337,15 +555,21 @@ impl std::fmt::Debug for NodeAuthorizer {
 }
 
 impl NodeAuthorizer {
-    /// Starts one pod watch per cluster (needs a tokio runtime).
-    pub fn start(clusters: &Clusters) -> NodeAuthorizer {
+    /// Starts one pod watch per cluster (needs a tokio runtime). A cluster
+    /// whose watch has been failing for longer than `max_staleness` answers
+    /// UNAVAILABLE until it re-syncs.
+    pub fn start(
+        clusters: &Clusters,
+        max_staleness: Duration,
+        metrics: &NodeAuthMetrics,
+    ) -> NodeAuthorizer {
         NodeAuthorizer {
             caches: clusters
                 .all()
                 .map(|(id, client)| {
                     (
                         id.to_string(),
-                        PodCache::start(id.to_string(), client.clone()),
+                        PodCache::start(id.to_string(), client.clone(), max_staleness, metrics),
                     )
                 })
                 .collect(),
@@ -356,9 +580,9 @@ impl NodeAuthorizer {
     /// Returns the clusters still not synced.
     pub async fn wait_synced(&self, limit: Duration) -> Vec<String> {
         let waits = self.caches.iter().map(|(id, cache)| {
-            let mut rx = cache.synced.clone();
+            let mut rx = cache.state.clone();
             async move {
-                let ok = tokio::time::timeout(limit, rx.wait_for(|s| *s))
+                let ok = tokio::time::timeout(limit, rx.wait_for(|s| *s != CacheState::Listing))
                     .await
                     .is_ok_and(|r| r.is_ok());
                 (!ok).then(|| id.clone())
@@ -391,10 +615,13 @@ impl NodeAuthorizer {
             .ok_or_else(|| NodeAuthError::NoClusterAuthorizer {
                 cluster: cluster.clone(),
             })?;
-        if !*cache.synced.borrow() {
-            return Err(NodeAuthError::NotSynced {
-                cluster: cluster.clone(),
-            });
+        let state = *cache.state.borrow();
+        if let Err(e) = state.check(cluster, cache.max_staleness, Instant::now()) {
+            if matches!(e, NodeAuthError::Stale { .. }) {
+                // The watch task sets it too; a request may see the deadline first.
+                cache.stale.set(1);
+            }
+            return Err(e);
         }
         let index = cache.index.read().unwrap_or_else(|p| p.into_inner());
         index.authorize(
@@ -550,5 +777,33 @@ mod tests {
         let mut idx = index(&[caller, a.clone(), b]);
         idx.delete(&a);
         assert_eq!(check(&idx, &bound), Ok(()));
+    }
+
+    #[test]
+    fn a_failing_watch_keeps_answering_only_within_the_staleness_window() {
+        let t0 = Instant::now();
+        let max = Duration::from_secs(30);
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert_eq!(
+            CacheState::Listing.check("c", max, t0).unwrap_err(),
+            NodeAuthError::NotSynced {
+                cluster: "c".into()
+            }
+        );
+        // A failing first list stays "not synced": there are no pods to trust.
+        assert_eq!(CacheState::Listing.failed(t0), CacheState::Listing);
+        assert_eq!(CacheState::Synced.check("c", max, at(3600)), Ok(()));
+
+        let failing = CacheState::Synced.failed(t0);
+        assert_eq!(failing, CacheState::Failing { since: t0 });
+        // Further errors do not move the start of the failure.
+        assert_eq!(failing.failed(at(20)), failing);
+        assert_eq!(failing.check("c", max, at(30)), Ok(()));
+        let e = failing.check("c", max, at(31)).unwrap_err();
+        assert!(e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "the pod cache of cluster \"c\" is stale: its watch has been failing for 31 s, longer than --node-authz-max-staleness (30s); retry later"
+        );
     }
 }

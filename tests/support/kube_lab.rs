@@ -92,13 +92,34 @@ pub fn lab() -> Option<&'static KubeLab> {
     static LAB: OnceLock<Option<KubeLab>> = OnceLock::new();
     LAB.get_or_init(|| {
         let bin = tools(&["etcd", "kube-apiserver", "kubectl"])?;
-        Some(KubeLab::start(bin))
+        Some(KubeLab::start(bin, true))
     })
     .as_ref()
 }
 
+/// A lab of the caller's own (etcd + the local apiserver only), for a test
+/// that stops its apiserver; torn down when dropped (kept if a test failed).
+/// `None` when the tools are missing (see [`tools`]).
+pub fn private_lab() -> Option<KubeLab> {
+    let bin = tools(&["etcd", "kube-apiserver", "kubectl"])?;
+    Some(KubeLab::start(bin, false))
+}
+
+impl Drop for KubeLab {
+    fn drop(&mut self) {
+        // Only private labs drop (the shared one is a static). A failed test's lab stays for its logs.
+        let purge = !std::thread::panicking();
+        let mut down = Command::new(format!("{REPO}/interop/kube-lab.sh"));
+        down.arg("down").arg(&self.state);
+        if purge {
+            down.arg("--purge");
+        }
+        let _ = down.stderr(Stdio::null()).status();
+    }
+}
+
 impl KubeLab {
-    fn start(bin: PathBuf) -> KubeLab {
+    fn start(bin: PathBuf, remote: bool) -> KubeLab {
         // Kept (not deleted on drop): the script's watchdog removes it at exit unless a test failed.
         let state = tempfile::Builder::new()
             .prefix("plugca-kube-lab-")
@@ -106,10 +127,13 @@ impl KubeLab {
             .unwrap()
             .keep();
         let started = Instant::now();
-        let out = Command::new(format!("{REPO}/interop/kube-lab.sh"))
-            .arg("up")
-            .arg(&state)
-            .args(["--remote", "--owner-pid", &std::process::id().to_string()])
+        let mut up = Command::new(format!("{REPO}/interop/kube-lab.sh"));
+        up.arg("up").arg(&state);
+        if remote {
+            up.arg("--remote");
+        }
+        let out = up
+            .args(["--owner-pid", &std::process::id().to_string()])
             .env("PLUGCA_INTEROP_BIN", &bin)
             .output()
             .unwrap();
@@ -163,6 +187,36 @@ impl KubeLab {
         self.env
             .get(key)
             .unwrap_or_else(|| panic!("{key} missing from the lab's env file"))
+    }
+
+    /// Stops the cluster's kube-apiserver (a real outage: connections drop,
+    /// new ones are refused); etcd keeps the cluster's objects.
+    pub fn stop_apiserver(&self, cluster: Cluster) {
+        self.outage("stop-apiserver", cluster);
+    }
+
+    /// Starts the stopped kube-apiserver again on the same port with the same
+    /// keys, and waits (bounded) until it is ready.
+    pub fn start_apiserver(&self, cluster: Cluster) {
+        self.outage("start-apiserver", cluster);
+    }
+
+    fn outage(&self, what: &str, cluster: Cluster) {
+        let name = match cluster {
+            Cluster::Local => "local",
+            Cluster::Remote => "remote",
+        };
+        let out = Command::new(format!("{REPO}/interop/kube-lab.sh"))
+            .arg(what)
+            .arg(&self.state)
+            .arg(name)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kube-lab.sh {what} {name} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn kubeconfig(&self, cluster: Cluster) -> PathBuf {
