@@ -19,12 +19,13 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, Claimant, RequestContext};
+use crate::ca::keys::KeyKind;
 use crate::ca::{CaBundle, Current};
 use crate::csr::VerifiedCsr;
 use crate::identity::{TrustDomain, TrustDomains};
 use crate::impersonation::Impersonation;
 use crate::issuance::{self, Issued, LeafOverrides, TtlPolicy};
-use crate::metrics::{IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels};
+use crate::metrics::{Metrics, OutcomeLabels, SignErrorLabels};
 use crate::pb::istio_certificate_service_server::IstioCertificateService;
 use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
 use audit::Audit;
@@ -68,7 +69,7 @@ struct Inner {
 struct Signed {
     issued: Issued,
     caller: Caller,
-    key: String,
+    key: KeyKind,
     ca_key_id: String,
 }
 
@@ -178,18 +179,8 @@ impl CertificateService {
 
     fn count_issued(&self, signed: &Signed, elapsed: f64) {
         let m = &self.inner.metrics;
-        m.issued
-            .get_or_create(&IssuedLabels {
-                authenticator: signed.caller.kind(),
-                key: signed.key.clone(),
-            })
-            .inc();
+        m.record_issued(signed.caller.kind(), signed.key, elapsed);
         m.success_cert_issuance_count.inc();
-        m.request_duration
-            .get_or_create(&OutcomeLabels {
-                outcome: Outcome::issued,
-            })
-            .observe(elapsed);
     }
 
     fn count_refused(&self, error: &ServiceError, class: &Class, elapsed: f64) {
@@ -303,7 +294,7 @@ impl CertificateService {
                 Ok(issued) => Ok(Signed {
                     issued,
                     caller,
-                    key: csr.key_kind().label(),
+                    key: csr.key_kind(),
                     ca_key_id,
                 }),
                 Err(e) => Err(ServiceError::Issue(e).known(Some(&caller), known)),
