@@ -6,6 +6,7 @@
 #   bench/compare.sh                 everything (installs what is missing first)
 #   bench/compare.sh --duration 10s  seconds per row (default 15s)
 #   bench/compare.sh --quick         the P-256 rows only (no RSA, no aws-lc, no burst)
+#   bench/compare.sh --no-aws-lc     everything but the aws-lc-rs rows (saves that release build)
 #   bench/compare.sh --no-install    fail instead of installing a missing tool
 #   bench/compare.sh --keep DIR      keep the work folder (CA, tokens, logs, raw reports) in DIR
 #   PLUGCA_BIN=... PLUGCA_AWS_LC_BIN=... bench/compare.sh   measure these binaries, build nothing of plugca
@@ -33,6 +34,7 @@ repo=$(cd "$here/.." && pwd)
 
 duration=15s
 quick=0
+aws_lc=1
 install=1
 keep=""
 concurrency=64
@@ -40,7 +42,8 @@ connections=8
 while (($#)); do
 	case "$1" in
 	--duration) duration=$2; shift 2 ;;
-	--quick) quick=1; shift ;;
+	--quick) quick=1; aws_lc=0; shift ;;
+	--no-aws-lc) aws_lc=0; shift ;;
 	--no-install) install=0; shift ;;
 	--keep) keep=$2; shift 2 ;;
 	--concurrency) concurrency=$2; shift 2 ;;
@@ -90,7 +93,7 @@ if [[ -z "${PLUGCA_BIN:-}" ]]; then
 	log "building plugca (release)"
 	(cd "$repo" && cargo build --release -q)
 fi
-if ((!quick)) && [[ -z "${PLUGCA_AWS_LC_BIN:-}" ]]; then
+if ((aws_lc)) && [[ -z "${PLUGCA_AWS_LC_BIN:-}" ]]; then
 	log "building plugca --features aws-lc (release)"
 	# Same target dir: cargo keeps both feature sets' artifacts side by side; the binary is copied away.
 	(cd "$repo" && cargo build --release -q --features aws-lc && cp target/release/plugca "$PLUGCA_AWS" && cargo build --release -q)
@@ -394,6 +397,9 @@ start_istiod "$W/p256/cacerts"
 "$PLUGCA" request --ca-addr "127.0.0.1:$PLUGCA_PORT" --root-cert "$W/p256/cacerts/root-cert.pem" \
 	--server-name istiod.istio-system.svc --token-file "$W/token" --ttl 2h --out "$W/client" >/dev/null
 LOADS+=("start $(load_now)")
+sleep 2
+rss_mb() { awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+IDLE="plugca $(rss_mb "$PLUGCA_PID") MB (after one issuance), istiod $(rss_mb "$ISTIOD_PID") MB"
 
 run_offline "offline ceiling P-256" "$PLUGCA" --ca-key p256 --csr-mix p256
 # Interleaved: the same load against each server in turn.
@@ -416,11 +422,13 @@ LOADS+=("p256 $(load_now)")
 
 if ((!quick)); then
 	run_offline "offline ceiling RSA-2048 ring" "$PLUGCA" --ca-key rsa2048 --csr-mix p256
-	run_offline "offline ceiling RSA-2048 aws-lc" "$PLUGCA_AWS" --ca-key rsa2048 --csr-mix p256
-	run_offline "offline ceiling P-256 aws-lc" "$PLUGCA_AWS" --ca-key p256 --csr-mix p256
 	run_plugca_bench_own "plugca own JWT RSA-2048 ring" "$PLUGCA" "ring" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
-	run_plugca_bench_own "plugca own JWT RSA-2048 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
-	run_plugca_bench_own "plugca own JWT P-256 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
+	if ((aws_lc)); then
+		run_offline "offline ceiling RSA-2048 aws-lc" "$PLUGCA_AWS" --ca-key rsa2048 --csr-mix p256
+		run_offline "offline ceiling P-256 aws-lc" "$PLUGCA_AWS" --ca-key p256 --csr-mix p256
+		run_plugca_bench_own "plugca own JWT RSA-2048 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
+		run_plugca_bench_own "plugca own JWT P-256 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
+	fi
 	run_cfssl "cfssl 1.2 RSA-2048" "$W/rsa2048/cacerts" rsa2048
 	run_plugca_bench_own "plugca burst 10k, 256 conc" "$PLUGCA" "distinct CSRs, identities, tokens" --ca-key p256 --csr-mix p256 --burst 10000 --concurrency 256 --duration 60s
 	LOADS+=("rsa $(load_now)")
@@ -430,7 +438,8 @@ fi
 echo
 echo "plugca compare: $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), $concurrency concurrent over $connections connections, $duration per row"
 echo "load average (1/5/15 min) at each stage: ${LOADS[*]}"
-[[ -n "$hits" ]] && echo "plugca TokenReview cache during the kube rows: hit rate ${hits%% *} (cached ${hits#* })"
+[[ -n "$hits" ]] && echo "plugca TokenReview cache during the kube rows: hit rate ${hits%% *} (cached, reviewed: ${hits#* })"
+echo "idle RSS: $IDLE"
 python3 - "$rows" <<'EOF'
 import sys
 head = ["server / row", "load generator", "auth", "issued/s", "server CPU us/cert", "p50 ms", "p99 ms", "errors", "peak RSS MB", "apiserver CPU us/cert", "note"]
