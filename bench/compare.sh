@@ -373,8 +373,10 @@ EOF
 run_plugca_bench_own() { # NAME BINARY NOTE ARGS...
 	local name=$1 bin=$2 note=$3
 	shift 3
+	local load=(--concurrency "$concurrency" --connections "$connections" --duration "$duration")
+	[[ " $* " == *" --concurrency "* ]] && load=()
 	log "row: $name (plugca bench, own server, $*)"
-	"$bin" bench --concurrency "$concurrency" --connections "$connections" --duration "$duration" "$@" --json \
+	"$bin" bench "${load[@]}" "$@" --json \
 		>"$W/$name.bench.json" 2>"$W/$name.bench.err" || true
 	bench_row "$W/$name.bench.json" "$name" "plugca bench" "jwt" "" "" "" "$note"
 }
@@ -430,7 +432,7 @@ if ((!quick)); then
 		run_plugca_bench_own "plugca own JWT P-256 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
 	fi
 	run_cfssl "cfssl 1.2 RSA-2048" "$W/rsa2048/cacerts" rsa2048
-	run_plugca_bench_own "plugca burst 10k, 256 conc" "$PLUGCA" "distinct CSRs, identities, tokens" --ca-key p256 --csr-mix p256 --burst 10000 --concurrency 256 --duration 60s
+	run_plugca_bench_own "plugca burst 10k, 256 conc" "$PLUGCA" "distinct CSRs, identities, tokens" --ca-key p256 --csr-mix p256 --burst 10000 --concurrency 256 --connections 8 --duration 60s
 	LOADS+=("rsa $(load_now)")
 fi
 
