@@ -72,6 +72,7 @@ need_apt golang-cfssl cfssl
 need_apt wrk wrk
 need_apt openssl openssl
 need_apt python3 python3
+need_apt curl curl
 command -v go >/dev/null || die "go is missing (needed for ghz and the interop tools)"
 
 ghz_dir="${PLUGCA_BENCH_DIR:-$HOME/.cache/plugca-bench}/ghz-$GHZ_VERSION-$(go version | sha256sum | cut -c1-8)"
