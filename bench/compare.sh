@@ -113,7 +113,7 @@ cleanup() {
 	local p
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-	[[ -f "$W/lab/env" ]] && "$repo/interop/kube-lab.sh" down "$W/lab" >/dev/null 2>&1 || true
+	if [[ -f "$W/lab/env" ]]; then "$repo/interop/kube-lab.sh" down "$W/lab" >/dev/null 2>&1 || true; fi
 	[[ -z "$keep" ]] && rm -rf "$W"
 	return 0
 }
@@ -310,9 +310,9 @@ with open(rows, "a") as f:
 EOF
 }
 
-# cfssl NAME CA_DIR KEY(p256|rsa2048)
+# cfssl NAME CA_DIR CA_KEY(p256|rsa2048): P-256 CSRs signed by that CA, like plugca's rows
 run_cfssl() {
-	local name=$1 ca=$2 key=$3 d=$W/cfssl-$3 port
+	local name=$1 ca=$2 d=$W/cfssl-$3 port
 	mkdir -p "$d"
 	echo '{"signing":{"default":{"expiry":"24h","usages":["digital signature","key encipherment","server auth","client auth"]}}}' >"$d/config.json"
 	# 200 distinct P-256 CSRs as cfssl sign request bodies, one per line.
