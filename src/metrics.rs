@@ -2,8 +2,8 @@
 //! names, labels and semantics (no `_total` suffix) so Istio dashboards work;
 //! `plugca_*` families add what istiod lacks.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::family::Family;
@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+use crate::ca::keys::KeyKind;
 
 /// A counter exported under its exact name (istiod's counters have no `_total`).
 #[derive(Debug, Default, Clone)]
@@ -189,6 +191,9 @@ pub struct Metrics {
     pub cert_chain_expiry_seconds: Gauge<f64, AtomicU64>,
     pub request_duration: Family<OutcomeLabels, Histogram>,
     pub issued: Family<IssuedLabels, prometheus_client::metrics::counter::Counter>,
+    /// Handles into the two families above for the issuance path, resolved
+    /// once (see [`Metrics::record_issued`]).
+    issued_handles: IssuedHandles,
     pub inflight: Gauge,
     pub reloads: Family<ReloadLabels, prometheus_client::metrics::counter::Counter>,
     pub expiring: Family<CaCertLabels, Gauge>,
@@ -233,6 +238,7 @@ impl Metrics {
                 ))
             }),
             issued: Family::default(),
+            issued_handles: IssuedHandles::default(),
             inflight: Gauge::default(),
             reloads: Family::default(),
             expiring: Family::default(),
@@ -325,6 +331,34 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// One issued certificate: `plugca_certificates_issued{authenticator,key}`
+    /// and `plugca_request_duration_seconds{outcome="issued"}`. The label
+    /// sets of the usual keys are looked up in their family once, on first
+    /// use (so /metrics still shows only what happened); after that an
+    /// issuance costs two atomic updates, no lock, hash or allocation.
+    pub fn record_issued(&self, authenticator: AuthnKind, key: KeyKind, seconds: f64) {
+        let h = &self.issued_handles;
+        h.duration
+            .get_or_init(|| {
+                self.request_duration
+                    .get_or_create(&OutcomeLabels {
+                        outcome: Outcome::issued,
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+        let labels = || IssuedLabels {
+            authenticator,
+            key: key.label(),
+        };
+        match IssuedHandles::slot(authenticator, key) {
+            Some(i) => h.issued[i]
+                .get_or_init(|| self.issued.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.issued.get_or_create(&labels()).inc(),
+        };
+    }
+
     /// Records the expiry of a newly loaded bundle.
     pub fn set_expiry(&self, root_not_after: i64, chain_not_after: i64) {
         self.root_cert_expiry_timestamp.set(root_not_after as f64);
@@ -350,9 +384,67 @@ impl Metrics {
     }
 }
 
+/// Common CSR keys with a pre-resolved `plugca_certificates_issued` slot.
+const HANDLE_KEYS: [KeyKind; 5] = [
+    KeyKind::EcdsaP256,
+    KeyKind::Rsa { bits: 2048 },
+    KeyKind::EcdsaP384,
+    KeyKind::Rsa { bits: 3072 },
+    KeyKind::Rsa { bits: 4096 },
+];
+const HANDLE_AUTHNS: [AuthnKind; 5] = [
+    AuthnKind::client_cert,
+    AuthnKind::jwt,
+    AuthnKind::kube_jwt,
+    AuthnKind::xfcc,
+    AuthnKind::trusted_csr,
+];
+
+type Counter = prometheus_client::metrics::counter::Counter;
+
+#[derive(Debug, Default)]
+struct IssuedHandles {
+    duration: OnceLock<Histogram>,
+    issued: [OnceLock<Counter>; HANDLE_KEYS.len() * HANDLE_AUTHNS.len()],
+}
+
+impl IssuedHandles {
+    fn slot(authenticator: AuthnKind, key: KeyKind) -> Option<usize> {
+        let a = HANDLE_AUTHNS.iter().position(|x| *x == authenticator)?;
+        let k = HANDLE_KEYS.iter().position(|x| *x == key)?;
+        Some(a * HANDLE_KEYS.len() + k)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issued_handles_count_into_the_families_and_show_only_what_was_used() {
+        let m = Metrics::new();
+        m.record_issued(AuthnKind::kube_jwt, KeyKind::EcdsaP256, 0.001);
+        m.record_issued(AuthnKind::kube_jwt, KeyKind::EcdsaP256, 0.001);
+        m.record_issued(AuthnKind::jwt, KeyKind::Rsa { bits: 2304 }, 0.001);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "plugca_certificates_issued_total{authenticator=\"kube_jwt\",key=\"p256\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "plugca_certificates_issued_total{authenticator=\"jwt\",key=\"rsa2304\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("key=\"rsa2048\""), "{text}");
+        assert!(
+            text.contains("plugca_request_duration_seconds_count{outcome=\"issued\"} 3\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn istio_counters_keep_their_exact_names() {

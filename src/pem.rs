@@ -97,16 +97,17 @@ fn parse_blocks(input: &str, max: usize) -> Result<Vec<Block>, PemError> {
                 end: end_label.to_string(),
             });
         }
-        let body: String = rest[body_start..end_start]
-            .chars()
+        // Bytes, not chars: base64 is ASCII, and a non-ASCII byte fails the decode below.
+        let body: Vec<u8> = rest[body_start..end_start]
+            .bytes()
             .filter(|c| !c.is_ascii_whitespace())
             .collect();
-        if body.contains(':') {
+        if body.contains(&b':') {
             // RFC 1421 headers (Proc-Type, DEK-Info): only encrypted legacy keys use them.
             return Err(PemError::Base64 { index, label });
         }
         let der = base64::engine::general_purpose::STANDARD
-            .decode(body.as_bytes())
+            .decode(&body)
             .map_err(|_| PemError::Base64 {
                 index,
                 label: label.clone(),

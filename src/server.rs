@@ -1,7 +1,7 @@
 //! The `IstioCertificateService` gRPC handler.
 //!
 //! The handler reads top to bottom: count -> authenticate -> refuse
-//! impersonation -> wait for a signing slot -> (off the reactor) parse CSR,
+//! impersonation -> wait for a signing slot -> (off the reactor for an RSA CA) parse CSR,
 //! resolve the caller, check TTL, sign -> count the outcome. Errors become
 //! statuses in [`error`]; the audit line is [`audit`]; test harnesses wrap the
 //! handler from [`harness`].
@@ -19,12 +19,13 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::authn::{Authenticators, AuthnError, AuthnOutcome, Caller, Claimant, RequestContext};
+use crate::ca::keys::KeyKind;
 use crate::ca::{CaBundle, Current};
 use crate::csr::VerifiedCsr;
 use crate::identity::{TrustDomain, TrustDomains};
 use crate::impersonation::Impersonation;
 use crate::issuance::{self, Issued, LeafOverrides, TtlPolicy};
-use crate::metrics::{IssuedLabels, Metrics, Outcome, OutcomeLabels, SignErrorLabels};
+use crate::metrics::{Metrics, OutcomeLabels, SignErrorLabels};
 use crate::pb::istio_certificate_service_server::IstioCertificateService;
 use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
 use audit::Audit;
@@ -71,7 +72,7 @@ struct Inner {
 struct Signed {
     issued: Issued,
     caller: Caller,
-    key: String,
+    key: KeyKind,
     ca_key_id: String,
 }
 
@@ -156,7 +157,7 @@ impl CertificateService {
     }
 
     /// The handler: authenticate, authorize impersonation, take a signing
-    /// slot, then sign off the reactor.
+    /// slot, then sign (off the reactor for an RSA CA key).
     async fn handle(
         &self,
         request: &Request<IstioCertificateRequest>,
@@ -188,18 +189,8 @@ impl CertificateService {
 
     fn count_issued(&self, signed: &Signed, elapsed: f64) {
         let m = &self.inner.metrics;
-        m.issued
-            .get_or_create(&IssuedLabels {
-                authenticator: signed.caller.kind(),
-                key: signed.key.clone(),
-            })
-            .inc();
+        m.record_issued(signed.caller.kind(), signed.key, elapsed);
         m.success_cert_issuance_count.inc();
-        m.request_duration
-            .get_or_create(&OutcomeLabels {
-                outcome: Outcome::issued,
-            })
-            .observe(elapsed);
     }
 
     fn count_refused(&self, error: &ServiceError, class: &Class, elapsed: f64) {
@@ -270,8 +261,8 @@ impl CertificateService {
         Ok(permit)
     }
 
-    /// Off the reactor, holding `permit`: parse the CSR, resolve who the leaf
-    /// is for, issue.
+    /// Holding `permit`: parse the CSR, resolve who the leaf is for, issue;
+    /// off the reactor for an RSA CA key (see [`signs_inline`]).
     async fn sign(
         &self,
         permit: OwnedSemaphorePermit,
@@ -287,7 +278,8 @@ impl CertificateService {
         let ca_key_id = bundle.signer().key_id_hex().to_string();
         // For a worker that panicked: what was known before it started.
         let (seen, seen_key) = (claimant.caller().cloned(), ca_key_id.clone());
-        let work = tokio::task::spawn_blocking(move || {
+        let inline = signs_inline(bundle.signer().key_kind());
+        let work = move || {
             let _permit = permit;
             let known = Some(ca_key_id.as_str());
             let csr = VerifiedCsr::parse(&csr_text)
@@ -313,16 +305,36 @@ impl CertificateService {
                 Ok(issued) => Ok(Signed {
                     issued,
                     caller,
-                    key: csr.key_kind().label(),
+                    key: csr.key_kind(),
                     ca_key_id,
                 }),
                 Err(e) => Err(ServiceError::Issue(e).known(Some(&caller), known)),
             }
-        });
-        work.await.map_err(|e| {
-            ServiceError::WorkerFailed(e.to_string()).known(seen.as_ref(), Some(&seen_key))
-        })?
+        };
+        let failed = |reason: String| {
+            ServiceError::WorkerFailed(reason).known(seen.as_ref(), Some(&seen_key))
+        };
+        if inline {
+            // A panic is caught here as the blocking pool would catch it.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .map_err(|_| failed("signing panicked".into()))?
+        } else {
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+        }
     }
+}
+
+/// Whether a CA key signs on the request's own thread instead of the
+/// blocking pool. An ECDSA or Ed25519 signature plus the CSR check take tens
+/// of microseconds, about what handing the work to a pool thread and back
+/// costs in wake-ups and context switches (measured in docs/performance.md);
+/// an RSA signature takes milliseconds (RSA-4096: ~4 ms), which would stall
+/// the other requests of that reactor thread. The signing slot (semaphore)
+/// bounds both the same way.
+fn signs_inline(ca_key: KeyKind) -> bool {
+    !matches!(ca_key, KeyKind::Rsa { .. })
 }
 
 /// `metadata["ImpersonatedIdentity"]` when it is a non-empty string (istiod

@@ -5,7 +5,12 @@
 //! that moment. A connection can outlive both the certificate and a root
 //! removed by rotation, so every request checks the chain again here, with
 //! webpki, against the roots of the bundle serving now, at the current time.
+//! The outcome of a successful check is remembered for that exact chain (the
+//! DER bytes), that bundle and the chain's validity window, so a client that
+//! sends many requests with one certificate pays the signature checks once;
+//! a new bundle (reload, rotation) or the end of the window checks again.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
@@ -44,6 +49,28 @@ pub struct ClientCertAuthenticator {
     ca: Arc<Current>,
     /// Trust anchors of the last bundle seen, rebuilt when the bundle changes.
     anchors: Mutex<Option<(Arc<CaBundle>, Anchors)>>,
+    /// Chains that verified, against which bundle, until when.
+    verified: Mutex<Verified>,
+}
+
+/// Chains verified against one bundle. Bounded: when full it starts over.
+#[derive(Default)]
+struct Verified {
+    bundle: Option<Arc<CaBundle>>,
+    /// By leaf DER.
+    chains: HashMap<Vec<u8>, VerifiedChain>,
+}
+
+/// Remembered verified chains, at most (each holds a copy of its chain, ~2 KB).
+const VERIFIED_CHAINS_MAX: usize = 1024;
+
+struct VerifiedChain {
+    /// The certificates after the leaf, as the client sent them.
+    rest: Vec<Vec<u8>>,
+    /// Unix seconds: the latest NotBefore and the earliest NotAfter of the chain.
+    from: u64,
+    until: u64,
+    caller: Caller,
 }
 
 type Anchors = Arc<Vec<TrustAnchor<'static>>>;
@@ -54,7 +81,63 @@ impl ClientCertAuthenticator {
             trust_domain,
             ca,
             anchors: Mutex::new(None),
+            verified: Mutex::new(Verified::default()),
         }
+    }
+
+    /// The caller of a chain verified before against the bundle serving now,
+    /// while `now` is inside the chain's validity window.
+    fn remembered(&self, chain: &[CertificateDer<'static>], now: UnixTime) -> Option<Caller> {
+        let bundle = self.ca.current()?;
+        let [leaf, rest @ ..] = chain else {
+            return None;
+        };
+        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if !verified
+            .bundle
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, &bundle))
+        {
+            return None;
+        }
+        let hit = verified.chains.get(leaf.as_ref())?;
+        let now = now.as_secs();
+        let same_rest = hit.rest.len() == rest.len()
+            && hit
+                .rest
+                .iter()
+                .zip(rest)
+                .all(|(a, b)| a.as_slice() == b.as_ref());
+        (same_rest && hit.from <= now && now < hit.until).then(|| hit.caller.clone())
+    }
+
+    /// Remembers a chain that just verified against `bundle`.
+    fn remember(&self, bundle: Arc<CaBundle>, chain: &[CertificateDer<'static>], caller: &Caller) {
+        let [leaf, rest @ ..] = chain else {
+            return;
+        };
+        let Some((from, until)) = validity_window(chain) else {
+            return;
+        };
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if !verified
+            .bundle
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, &bundle))
+            || verified.chains.len() >= VERIFIED_CHAINS_MAX
+        {
+            verified.chains.clear();
+            verified.bundle = Some(bundle);
+        }
+        verified.chains.insert(
+            leaf.to_vec(),
+            VerifiedChain {
+                rest: rest.iter().map(|c| c.to_vec()).collect(),
+                from,
+                until,
+                caller: caller.clone(),
+            },
+        );
     }
 
     /// Checks `chain` (leaf first) against the current bundle's roots at `now`
@@ -149,12 +232,36 @@ impl Authenticator for ClientCertAuthenticator {
         let Some(chain) = ctx.peer_certs.filter(|c| !c.is_empty()) else {
             return Ok(None);
         };
-        self.verify_chain(chain, UnixTime::now())?;
+        let now = UnixTime::now();
+        if let Some(caller) = self.remembered(chain, now) {
+            return Ok(Some(caller));
+        }
+        // The bundle the chain is checked against, for `remember`.
+        let bundle = self.ca.current();
+        self.verify_chain(chain, now)?;
         let (id, serial) = self.identity_of(&chain[0])?;
-        Ok(Some(Caller::new(
+        let caller = Caller::new(
             vec![Identity::Spiffe(id)],
             AuthnKind::client_cert,
             format!("client certificate serial {serial}"),
-        )))
+        );
+        if let Some(bundle) = bundle {
+            self.remember(bundle, chain, &caller);
+        }
+        Ok(Some(caller))
     }
+}
+
+/// Unix seconds from the latest NotBefore to the earliest NotAfter of the
+/// certificates in `chain`; `None` when one does not parse or the window is empty.
+fn validity_window(chain: &[CertificateDer<'static>]) -> Option<(u64, u64)> {
+    let mut from = 0u64;
+    let mut until = u64::MAX;
+    for cert in chain {
+        let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
+        let v = cert.validity();
+        from = from.max(u64::try_from(v.not_before.timestamp()).unwrap_or(0));
+        until = until.min(u64::try_from(v.not_after.timestamp()).ok()?);
+    }
+    (from < until).then_some((from, until))
 }
