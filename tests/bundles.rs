@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use plugca::ca::generate::{self, GeneratedCa, KeyChoice};
@@ -876,7 +876,7 @@ fn an_intermediate_with_pathlen_zero_cannot_have_a_ca_below_it() {
 
 /// Runs `plugca serve` on a bad cacerts dir; the process must exit by itself.
 fn serve_and_expect_exit(cacerts: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plugca"))
+    let child = Command::new(env!("CARGO_BIN_EXE_plugca"))
         .args(["serve", "--cacerts-dir"])
         .arg(cacerts)
         .args([
@@ -890,29 +890,14 @@ fn serve_and_expect_exit(cacerts: &Path) -> (Option<i32>, String) {
         .spawn()
         .unwrap();
     // Guard against a server that starts instead of failing: kill it and fail the test.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!(
-                "plugca serve started on a bad bundle in {}",
-                cacerts.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    use std::io::Read as _;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = common::refusal_of(
+        child,
+        Duration::from_secs(60),
+        &format!(
+            "plugca serve started on a bad bundle in {}",
+            cacerts.display()
+        ),
+    );
     (status.code(), stderr)
 }
 

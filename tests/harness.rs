@@ -246,7 +246,7 @@ async fn http_send(
 async fn ttl_faults_never_exceed_max_ttl() {
     // At start: a usage error naming both flags (a server that starts
     // instead is killed after 30 s and fails the test).
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_plugca"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_plugca"))
         .args([
             "serve",
             "--cacerts-dir",
@@ -264,20 +264,11 @@ async fn ttl_faults_never_exceed_max_ttl() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("plugca serve started with a ttl: fault past --max-ttl");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = common::refusal_of(
+        child,
+        Duration::from_secs(30),
+        "plugca serve started with a ttl: fault past --max-ttl",
+    );
     assert_eq!(status.code(), Some(64), "{stderr}");
     assert!(
         stderr.contains("--fault (env PLUGCA_FAULTS): \"ttl:48h\": fault ttl:48h0m0s is longer than --max-ttl 1h0m0s"),

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use plugca::client::CsrShape;
@@ -31,7 +31,7 @@ fn serve_expecting_exit(cwd: &Path, args: &[&str], as_nobody: bool) -> (Option<i
     } else {
         Command::new(BIN)
     };
-    let mut child = cmd
+    let child = cmd
         .arg("serve")
         .args(args)
         .args([
@@ -45,26 +45,11 @@ fn serve_expecting_exit(cwd: &Path, args: &[&str], as_nobody: bool) -> (Option<i
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("plugca serve {args:?} started instead of refusing to");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    use std::io::Read as _;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = common::refusal_of(
+        child,
+        Duration::from_secs(30),
+        &format!("plugca serve {args:?} started instead of refusing to"),
+    );
     (status.code(), stderr)
 }
 

@@ -645,3 +645,31 @@ pub fn write_rotation_bundle(dir: &Path, ca: &GeneratedCa, roots: &[&GeneratedCa
         std::fs::rename(&tmp, dir.join(name)).unwrap();
     }
 }
+
+/// Waits at most `within` for a `plugca` process that is expected to refuse to
+/// start, and returns its exit status and stderr (which the caller piped). A
+/// process still running at the deadline started instead of refusing: it is
+/// killed and the test fails with `started`.
+pub fn refusal_of(
+    mut child: std::process::Child,
+    within: std::time::Duration,
+    started: &str,
+) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{started}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+    }
+    (status, stderr)
+}
