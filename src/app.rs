@@ -516,8 +516,8 @@ async fn load_shared_ca(
     let (spec, dir) = (self_signed_spec(config), &config.ca.cacerts_dir);
     // A shared root is asked for, but an unreadable cacerts directory is
     // still a mistake to report, not "no bundle".
-    crate::reload::probe_cacerts_dir(dir)?;
-    let bundle = match CaBundle::load_dir(dir, now)? {
+    let (_, files) = crate::reload::read_at_start(dir)?;
+    let bundle = match files.map(|f| CaBundle::from_files(f, now)).transpose()? {
         Some(plugged) => plugged,
         None => {
             let (root, origin) = shared.load_or_create(&spec, now).await?;

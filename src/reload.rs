@@ -48,6 +48,10 @@ pub enum ReloadError {
     )]
     StillStuck { dir: String },
     #[error(
+        "{dir}: reading the CA bundle files at start did not finish within {after:?} (hung mount?); not starting"
+    )]
+    StartReadStuck { dir: String, after: Duration },
+    #[error(
         "--cacerts-dir {dir}: no such directory; check the path (env ROOT_CA_DIR), or pass --self-signed to run on a generated root"
     )]
     CacertsDirMissing { dir: String },
@@ -159,8 +163,8 @@ impl Reloader {
         extra_trust_roots: Option<&std::path::Path>,
         now: OffsetDateTime,
     ) -> Result<CaBundle, ReloadError> {
-        let exists = probe_cacerts_dir(dir)?;
-        let bundle = match CaBundle::load_dir(dir, now)? {
+        let (exists, files) = read_at_start(dir)?;
+        let bundle = match files.map(|f| CaBundle::from_files(f, now)).transpose()? {
             Some(b) => b,
             None => {
                 let shown = dir.display().to_string();
@@ -494,6 +498,37 @@ pub(crate) fn with_extra_roots(
     Ok(bundle.with_extra_trust_roots(&file.display().to_string(), &text)?)
 }
 
+/// The first look at the cacerts directory (does it exist, and its bundle
+/// files), bounded like a reload's read by [`READ_DEADLINE`]: a hung mount
+/// fails the start with an error instead of hanging it before it serves.
+pub(crate) fn read_at_start(
+    dir: &std::path::Path,
+) -> Result<(bool, Option<BundleFiles>), ReloadError> {
+    read_at_start_within(dir, READ_DEADLINE, |dir| {
+        let exists = probe_cacerts_dir(dir)?;
+        Ok((exists, crate::ca::bundle::read_files(dir)?))
+    })
+}
+
+fn read_at_start_within(
+    dir: &std::path::Path,
+    deadline: Duration,
+    read: impl FnOnce(&std::path::Path) -> Result<(bool, Option<BundleFiles>), ReloadError>
+    + Send
+    + 'static,
+) -> Result<(bool, Option<BundleFiles>), ReloadError> {
+    let owned = dir.to_path_buf();
+    match with_deadline(&Arc::new(AtomicBool::new(false)), deadline, move || {
+        read(&owned)
+    }) {
+        Deadline::Done(r) => r,
+        Deadline::TimedOut | Deadline::Busy => Err(ReloadError::StartReadStuck {
+            dir: dir.display().to_string(),
+            after: deadline,
+        }),
+    }
+}
+
 /// What [`with_deadline`] got.
 #[derive(Debug, PartialEq, Eq)]
 enum Deadline<T> {
@@ -572,6 +607,29 @@ fn watch_dir(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Option<notify::Reco
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_read_past_its_deadline_fails_the_start_naming_the_dir() {
+        let err = read_at_start_within(
+            std::path::Path::new("/hung/cacerts"),
+            Duration::from_millis(50),
+            |_| {
+                std::thread::sleep(Duration::from_secs(2));
+                Ok((true, None))
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/hung/cacerts: reading the CA bundle files at start did not finish within 50ms (hung mount?); not starting"
+        );
+        assert!(matches!(
+            read_at_start_within(std::path::Path::new("/x"), Duration::from_secs(5), |_| Ok(
+                (false, None)
+            )),
+            Ok((false, None))
+        ));
+    }
 
     #[test]
     fn a_read_past_its_deadline_is_reported_and_no_second_one_starts() {
