@@ -38,22 +38,8 @@ bin_dir() {
 	fi
 }
 
-# A loopback TCP port nobody listens on: a random pick below the kernel's ephemeral range (so port-0
-# listeners and outgoing connections of concurrent tests cannot take it), checked with ss. A race left
-# is caught by the callers, which retry on "address already in use".
-free_port() {
-	local p low
-	low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-	for _ in $(seq 1 200); do
-		p=$((10000 + RANDOM % (low - 10000)))
-		if [[ -z "$(ss -Htln "sport = :$p")" ]] && ! grep -qx "$p" "$state/.ports" 2>/dev/null; then
-			echo "$p" >>"$state/.ports"
-			echo "$p"
-			return
-		fi
-	done
-	die "no free port found"
-}
+# shellcheck source=interop/ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 # openssl req+x509 in one: KEY_OUT CERT_OUT SUBJECT EXTENSIONS [CA_CERT CA_KEY] (self-signed without a CA)
 make_cert() {

@@ -51,20 +51,8 @@ wait_for() { # WHAT LOG CMD...
 	done
 }
 
-# A loopback port nobody listens on, below the ephemeral range (as kube-lab.sh picks them).
-free_port() {
-	local p low
-	low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-	for _ in $(seq 1 200); do
-		p=$((10000 + RANDOM % (low - 10000)))
-		if [[ -z "$(ss -Htln "sport = :$p")" ]] && ! grep -qx "$p" "$state/.ports" 2>/dev/null; then
-			echo "$p" >>"$state/.ports"
-			echo "$p"
-			return
-		fi
-	done
-	die "no free port found"
-}
+# shellcheck source=interop/ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 record() { printf '%s\n' "$@" >>"$state/env"; }
 
