@@ -374,23 +374,6 @@ fn write_bundle(dir: &Path, ca: &GeneratedCa, roots: &[&GeneratedCa]) {
     }
 }
 
-fn configmap_roots(lab: &KubeLab, ns: &str) -> Option<String> {
-    lab.kubectl(
-        Cluster::Local,
-        &[
-            "-n",
-            ns,
-            "get",
-            "configmap",
-            CONFIGMAP,
-            "-o",
-            r"jsonpath={.data.root-cert\.pem}",
-        ],
-        None,
-    )
-    .ok()
-}
-
 /// Every Active namespace, by name.
 fn namespaces(lab: &KubeLab) -> Vec<String> {
     lab.kubectl_ok(
@@ -414,7 +397,7 @@ fn wait_everywhere(lab: &KubeLab, roots: &str, what: &str) {
     eventually(CONTROLLER_DELAY, what, || {
         namespaces(lab)
             .iter()
-            .all(|ns| configmap_roots(lab, ns).as_deref() == Some(roots))
+            .all(|ns| lab.root_configmap(ns).as_deref() == Some(roots))
             .then_some(())
     });
 }
@@ -617,12 +600,12 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
     // Existing namespaces (kube-system and default too), then a new one.
     wait_everywhere(lab, &roots1, "the ConfigMap in every existing namespace");
     assert_eq!(
-        configmap_roots(lab, &existing).as_deref(),
+        lab.root_configmap(&existing).as_deref(),
         Some(roots1.as_str())
     );
     let created = lab.namespace(Cluster::Local, "created");
     eventually(CONTROLLER_DELAY, "the ConfigMap in a new namespace", || {
-        (configmap_roots(lab, &created).as_deref() == Some(roots1.as_str())).then_some(())
+        (lab.root_configmap(&created).as_deref() == Some(roots1.as_str())).then_some(())
     });
     let labels = lab.kubectl_ok(
         Cluster::Local,
@@ -646,7 +629,7 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
         None,
     );
     eventually(CONTROLLER_DELAY, "the deleted ConfigMap re-created", || {
-        (configmap_roots(lab, &existing).as_deref() == Some(roots1.as_str())).then_some(())
+        (lab.root_configmap(&existing).as_deref() == Some(roots1.as_str())).then_some(())
     });
     lab.kubectl_ok(
         Cluster::Local,
@@ -663,7 +646,7 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
         None,
     );
     eventually(CONTROLLER_DELAY, "the edited ConfigMap restored", || {
-        (configmap_roots(lab, &existing).as_deref() == Some(roots1.as_str())).then_some(())
+        (lab.root_configmap(&existing).as_deref() == Some(roots1.as_str())).then_some(())
     });
 
     // istiod-tls.
@@ -695,7 +678,7 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
     eventually(
         CONTROLLER_DELAY,
         "the ConfigMap in a namespace to be deleted",
-        || configmap_roots(lab, &terminating).map(|_| ()),
+        || lab.root_configmap(&terminating).map(|_| ()),
     );
     lab.kubectl_ok(
         Cluster::Local,
@@ -739,7 +722,7 @@ async fn the_controllers_with_the_shipped_rbac_keep_the_root_configmap_and_istio
     eprintln!("istiod-tls {serial1} -> {serial2:?}");
 
     assert_eq!(
-        configmap_roots(lab, &terminating),
+        lab.root_configmap(&terminating),
         None,
         "written into a Terminating namespace"
     );
@@ -966,7 +949,7 @@ async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() 
         CONTROLLER_DELAY,
         "the leader writes into a new namespace",
         || {
-            configmap_roots(lab, &probe)
+            lab.root_configmap(&probe)
                 .filter(|r| r.contains(roots.trim()))
                 .map(|_| ())
         },
@@ -1028,7 +1011,7 @@ async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() 
         CONTROLLER_DELAY,
         "the new leader writes into a new namespace",
         || {
-            configmap_roots(lab, &after)
+            lab.root_configmap(&after)
                 .filter(|r| r.contains(roots.trim()))
                 .map(|_| ())
         },
@@ -1063,7 +1046,7 @@ async fn two_processes_on_one_lease_one_writes_and_a_killed_leader_hands_over() 
     c.sign(&roots, &token, &ns).await;
     let last = lab.namespace(Cluster::Local, "last");
     eventually(CONTROLLER_DELAY, "the third process writes", || {
-        configmap_roots(lab, &last)
+        lab.root_configmap(&last)
             .filter(|r| r.contains(roots.trim()))
             .map(|_| ())
     });
@@ -1516,10 +1499,6 @@ fn rendered_pod(
     }
 }
 
-fn configmap_roots_in(lab: &KubeLab, ns: &str) -> Option<String> {
-    configmap_roots(lab, ns)
-}
-
 fn label_namespace(lab: &KubeLab, ns: &str, label: &str) {
     lab.kubectl_ok(
         Cluster::Local,
@@ -1698,17 +1677,17 @@ async fn the_chart_with_every_feature_on_applies_for_real_and_runs_with_its_flag
     eventually(
         CONTROLLER_DELAY,
         "the ConfigMap in the selected namespace",
-        || (configmap_roots_in(lab, &selected).as_deref() == Some(trust.as_str())).then_some(()),
+        || (lab.root_configmap(&selected).as_deref() == Some(trust.as_str())).then_some(()),
     );
     // Written in the namespace (istio-system is not labelled) where plugca
     // runs? Only selected ones: the label decides.
     assert_eq!(
-        configmap_roots_in(lab, &unselected),
+        lab.root_configmap(&unselected),
         None,
         "written into an unselected namespace"
     );
     assert_ne!(
-        configmap_roots_in(lab, "kube-public").as_deref(),
+        lab.root_configmap("kube-public").as_deref(),
         Some(trust.as_str()),
         "written into an excluded namespace"
     );

@@ -188,21 +188,7 @@ fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>
 }
 
 fn configmap_roots(lab: &KubeLab, ns: &str) -> Option<String> {
-    lab.kubectl(
-        Cluster::Local,
-        &[
-            "-n",
-            ns,
-            "get",
-            "configmap",
-            "istio-ca-root-cert",
-            "-o",
-            r"jsonpath={.data.root-cert\.pem}",
-        ],
-        None,
-    )
-    .ok()
-    .filter(|t| !t.trim().is_empty())
+    lab.root_configmap(ns).filter(|t| !t.trim().is_empty())
 }
 
 /// The Secret istiod-tls: (tls.crt, tls.key, ca.crt).

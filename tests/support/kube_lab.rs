@@ -264,6 +264,26 @@ impl KubeLab {
         ]
     }
 
+    /// `root-cert.pem` of ConfigMap `istio-ca-root-cert` in `ns` of the local
+    /// cluster (the one plugca's root distributor writes); `None` when kubectl
+    /// fails (no such ConfigMap or namespace).
+    pub fn root_configmap(&self, ns: &str) -> Option<String> {
+        self.kubectl(
+            Cluster::Local,
+            &[
+                "-n",
+                ns,
+                "get",
+                "configmap",
+                "istio-ca-root-cert",
+                "-o",
+                r"jsonpath={.data.root-cert\.pem}",
+            ],
+            None,
+        )
+        .ok()
+    }
+
     /// Runs kubectl (ours, the lab's version) as the cluster's admin; Err is stderr.
     pub fn kubectl(
         &self,
