@@ -37,26 +37,25 @@ log() { printf 'tools.sh: %s\n' "$*" >&2; }
 # go, at low priority: other engineers compile on the same cores.
 run_go() { nice -n 10 go "$@"; }
 
-# The version of MODULE that go.mod in DIR requires ('' if none).
-required_version() { # DIR MODULE
-	awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) && $0 !~ /=>/ {print ($1 == "require" ? $3 : $2); exit}' "$1/go.mod"
+# The version of MODULE that interop/go.mod requires ('' if none).
+required_version() { # MODULE
+	awk -v m="$1" '($1 == m || ($1 == "require" && $2 == m)) && $0 !~ /=>/ {print ($1 == "require" ? $3 : $2); exit}' "$here/go.mod"
 }
 
-# Make DIR/go.mod require MODULE@VERSION with TOOL packages as `tool` lines (go get -tool), then tidy.
-pin_module() { # DIR MODULE VERSION TOOL...
-	local dir=$1 module=$2 version=$3
-	shift 3
-	if [[ "$(required_version "$dir" "$module")" == "$version" ]]; then
-		return
-	fi
-	log "pinning $module@$version in interop/${dir##*/}/go.mod (commit go.mod and go.sum afterwards)"
-	local tool pkgs=()
-	for tool in "$@"; do pkgs+=("$tool@$version"); done
-	(cd "$dir" && if ((${#pkgs[@]})); then run_go get -tool "${pkgs[@]}"; else run_go get "$module@$version"; fi && run_go mod tidy)
+# The pins of versions.env as MODULE@VERSION, and the upstream commands built from them (`tool` lines).
+pins() {
+	printf '%s\n' "k8s.io/kubernetes@$KUBERNETES_VERSION" "istio.io/istio@$ISTIO_VERSION" \
+		"helm.sh/helm/v3@$HELM_VERSION" "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+}
+tool_packages() {
+	printf '%s\n' "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION" \
+		"istio.io/istio/pilot/cmd/pilot-agent@$ISTIO_VERSION" "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION" \
+		"helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
 # k8s.io/kubernetes requires each staging repo at v0.0.0, which is not published: replace each one by the
 # published v0.<minor>.<patch>. The list is read from k8s.io/kubernetes' own go.mod (its `=> ./staging/...` lines).
+# In the one module these replaces also hold Istio's and Helm's k8s.io libraries at that version.
 kubernetes_replaces() {
 	local gomod minor_patch=${KUBERNETES_VERSION#v1.}
 	gomod=$(GOFLAGS=-mod=mod go list -m -f '{{.GoMod}}' "k8s.io/kubernetes@$KUBERNETES_VERSION")
@@ -64,24 +63,42 @@ kubernetes_replaces() {
 	[[ -s "$gomod" ]]
 }
 
-sync_kubernetes_module() {
-	local dir=$here/kubernetes replaces current
-	replaces=$(cd "$dir" && kubernetes_replaces)
+# Every tool is built in one module (interop/go.mod), so Go's minimal version selection picks one version of
+# each shared dependency (k8s.io libraries, grpc, protobuf, otel, prometheus) and a package compiled for one
+# tool is reused by the next. Brings go.mod in line with versions.env: the staging replaces, then the pins.
+sync_module() {
+	local replaces current stale=false pin
+	replaces=$(cd "$here" && kubernetes_replaces)
 	if [[ -z "$replaces" ]]; then
 		log "no staging replaces found in k8s.io/kubernetes@$KUBERNETES_VERSION's go.mod"
 		exit 1
 	fi
-	current=$(grep '^replace k8s\.io/' "$dir/go.mod" | sort -u || true)
+	current=$(grep '^replace k8s\.io/' "$here/go.mod" | sort -u || true)
 	if [[ "$replaces" != "$current" ]]; then
-		log "regenerating the $(wc -l <<<"$replaces") staging replaces in interop/kubernetes/go.mod from k8s.io/kubernetes@$KUBERNETES_VERSION"
+		log "regenerating the $(wc -l <<<"$replaces") staging replaces in interop/go.mod from k8s.io/kubernetes@$KUBERNETES_VERSION"
 		{
-			grep -v '^replace k8s\.io/' "$dir/go.mod"
+			grep -v '^replace k8s\.io/' "$here/go.mod"
 			printf '%s\n' "$replaces"
-		} >"$dir/go.mod.new"
-		mv "$dir/go.mod.new" "$dir/go.mod"
-		(cd "$dir" && GOFLAGS=-mod=mod run_go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION" && run_go mod tidy)
+		} >"$here/go.mod.new"
+		mv "$here/go.mod.new" "$here/go.mod"
+		stale=true
 	fi
-	pin_module "$dir" k8s.io/kubernetes "$KUBERNETES_VERSION" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+	for pin in $(pins); do
+		[[ "$(required_version "${pin%@*}")" == "${pin#*@}" ]] || stale=true
+	done
+	$stale || return 0
+	log "pinning $(pins | tr '\n' ' ')in interop/go.mod (commit go.mod and go.sum afterwards)"
+	# shellcheck disable=SC2046
+	(cd "$here" && GOFLAGS=-mod=mod run_go get -tool $(tool_packages) && GOFLAGS=-mod=mod run_go get $(pins) && run_go mod tidy)
+	# A pin that another module's requirement lifted is not the pinned version any more: say so and stop.
+	for pin in $(pins); do
+		local selected
+		selected=$(cd "$here" && go list -m -f '{{.Version}}' "${pin%@*}")
+		if [[ "$selected" != "${pin#*@}" ]]; then
+			log "interop/go.mod selects ${pin%@*} $selected, not the pinned ${pin#*@}: another tool requires a newer one; raise the pin in versions.env"
+			exit 1
+		fi
+	done
 }
 
 # `/version` of kube-apiserver and `kubectl version` report these instead of v0.0.0-master.
@@ -108,9 +125,10 @@ istio_ldflags() {
 
 # Hash of our own program's source: its binary is rebuilt when this changes.
 client_source_hash() {
-	cat "$here/istio-agent-client/go.mod" "$here/istio-agent-client/go.sum" "$here"/istio-agent-client/*.go | sha256sum | cut -c1-16
+	cat "$here/go.mod" "$here/go.sum" "$here"/istio-agent-client/*.go | sha256sum | cut -c1-16
 }
 
+synced=false
 build() { # NAME
 	local name=$1 out="$bin_dir/$1" start
 	if [[ "$name" == istio-agent-client ]]; then
@@ -120,39 +138,37 @@ build() { # NAME
 	elif [[ -x "$out" ]]; then
 		return
 	fi
+	if ! $synced; then
+		sync_module
+		synced=true
+	fi
 	mkdir -p "$bin_dir"
 	log "building $name into $bin_dir"
 	start=$(date +%s)
 	case "$name" in
 	etcd)
-		pin_module "$here/etcd" go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
-		(cd "$here/etcd" && run_go build -trimpath -ldflags "-s -w" -o "$out.tmp" .)
+		(cd "$here" && run_go build -trimpath -ldflags "-s -w" -o "$out.tmp" ./etcd)
 		;;
 	kube-apiserver | kubectl)
-		sync_kubernetes_module
-		(cd "$here/kubernetes" && run_go build -trimpath -ldflags "$(kubernetes_ldflags)" -o "$out.tmp" "k8s.io/kubernetes/cmd/$name")
+		(cd "$here" && run_go build -trimpath -ldflags "$(kubernetes_ldflags)" -o "$out.tmp" "k8s.io/kubernetes/cmd/$name")
 		;;
 	pilot-agent)
-		pin_module "$here/istio" istio.io/istio "$ISTIO_VERSION" istio.io/istio/pilot/cmd/pilot-agent istio.io/istio/pilot/cmd/pilot-discovery
 		# The tags of Istio's own agent build (Makefile.core.mk AGENT_TAGS).
-		(cd "$here/istio" && run_go build -trimpath -tags agent,disable_pgv,grpcnotrace,retrynotrace -ldflags "$(istio_ldflags)" -o "$out.tmp" istio.io/istio/pilot/cmd/pilot-agent)
+		(cd "$here" && run_go build -trimpath -tags agent,disable_pgv,grpcnotrace,retrynotrace -ldflags "$(istio_ldflags)" -o "$out.tmp" istio.io/istio/pilot/cmd/pilot-agent)
 		;;
 	pilot-discovery)
-		pin_module "$here/istio" istio.io/istio "$ISTIO_VERSION" istio.io/istio/pilot/cmd/pilot-agent istio.io/istio/pilot/cmd/pilot-discovery
 		# The tags of Istio's own istiod build (Makefile.core.mk STANDARD_TAGS).
-		(cd "$here/istio" && run_go build -trimpath -tags vtprotobuf,disable_pgv -ldflags "$(istio_ldflags)" -o "$out.tmp" istio.io/istio/pilot/cmd/pilot-discovery)
+		(cd "$here" && run_go build -trimpath -tags vtprotobuf,disable_pgv -ldflags "$(istio_ldflags)" -o "$out.tmp" istio.io/istio/pilot/cmd/pilot-discovery)
 		;;
 	istio-agent-client)
-		pin_module "$here/istio-agent-client" istio.io/istio "$ISTIO_VERSION"
 		# pilot-agent's tags: the client is built like the agent it stands for, and packages compiled for
 		# pilot-agent are reused (grpcnotrace changes google.golang.org/grpc, so other tags recompile every
 		# package above it; measured 16 s instead of 6 s after pilot-agent).
-		(cd "$here/istio-agent-client" && run_go build -trimpath -tags agent,disable_pgv,grpcnotrace,retrynotrace -o "$out.tmp" .)
+		(cd "$here" && run_go build -trimpath -tags agent,disable_pgv,grpcnotrace,retrynotrace -o "$out.tmp" ./istio-agent-client)
 		client_source_hash >"$out.src"
 		;;
 	helm)
-		pin_module "$here/helm" helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
-		(cd "$here/helm" && run_go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$out.tmp" helm.sh/helm/v3/cmd/helm)
+		(cd "$here" && run_go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$out.tmp" helm.sh/helm/v3/cmd/helm)
 		;;
 	*)
 		log "unknown tool '$name' (known: ${ALL_TOOLS[*]})"
