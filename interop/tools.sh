@@ -13,10 +13,10 @@
 # A tool is rebuilt only when its binary is missing (istio-agent-client also when its source changed).
 # The Go module and build caches are Go's defaults, so they persist across runs on one machine.
 #
-# Each wrapper module under interop/<name>/ pins its upstream at the version in versions.env; when
-# versions.env changes, this script updates that go.mod/go.sum (`go get` + `go mod tidy`) and says so:
-# commit the result. The kubernetes module's `replace k8s.io/<staging> => ... v0.<minor>.<patch>` lines are
-# generated from k8s.io/kubernetes' own go.mod on every run, never written by hand.
+# Every tool is built in the one module interop/go.mod, which pins the upstreams at the versions in
+# versions.env; when versions.env changes, this script updates go.mod/go.sum (`go get` + `go mod tidy`) and
+# says so: commit the result. Its `replace k8s.io/<staging> => ... v0.<minor>.<patch>` lines are generated
+# from k8s.io/kubernetes' own go.mod, never written by hand.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
