@@ -4,8 +4,9 @@
 #   docker build -t registry.example.com/plugca:0.1.0 .
 # and set the chart's image.repository / image.tag to match.
 
-# Build stage: the toolchain of rust-version in Cargo.toml. ring needs only
-# the C compiler this image has; protox compiles the proto without protoc.
+# Build stage: the toolchain of rust-version in Cargo.toml. aws-lc-sys and
+# ring need only the C compiler this image has (no cmake); protox compiles the
+# proto without protoc.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./

@@ -5,11 +5,11 @@
 #
 #   bench/compare.sh                 everything (installs what is missing first)
 #   bench/compare.sh --duration 10s  seconds per row (default 15s)
-#   bench/compare.sh --quick         the P-256 rows only (no RSA, no aws-lc, no burst)
-#   bench/compare.sh --no-aws-lc     everything but the aws-lc-rs rows (saves that release build)
+#   bench/compare.sh --quick         the P-256 rows only (no RSA, no ring, no burst)
+#   bench/compare.sh --no-ring       everything but the ring rows (saves that release build)
 #   bench/compare.sh --no-install    fail instead of installing a missing tool
 #   bench/compare.sh --keep DIR      keep the work folder (CA, tokens, logs, raw reports) in DIR
-#   PLUGCA_BIN=... PLUGCA_AWS_LC_BIN=... bench/compare.sh   measure these binaries, build nothing of plugca
+#   PLUGCA_BIN=... PLUGCA_RING_BIN=... bench/compare.sh   measure these binaries, build nothing of plugca
 #
 # Every server listens on 127.0.0.1 only and every load generator talks to it only; each row runs for a
 # bounded time. What it installs when missing (the project's own steps, nothing fetched by hand):
@@ -17,7 +17,8 @@
 #   - ghz (the gRPC load generator the project did not write) with `go install` from the Go module proxy
 #     into ${PLUGCA_BENCH_DIR:-~/.cache/plugca-bench}/ghz-<version>-<go stamp>/ (GHZ_VERSION below);
 #   - etcd, kube-apiserver, kubectl, pilot-discovery through interop/tools.sh (pinned in interop/versions.env);
-#   - plugca itself: cargo build --release, and --features aws-lc copied to target/release/plugca-aws-lc.
+#   - plugca itself: cargo build --release (aws-lc-rs, the default backend), and --no-default-features (ring)
+#     copied to target/release/plugca-ring.
 #
 # Authentication is the same for both gRPC servers and both are loaded by the same ghz command:
 #   mtls  client-certificate renewal with a workload certificate plugca issued (same root for both);
@@ -34,7 +35,7 @@ repo=$(cd "$here/.." && pwd)
 
 duration=15s
 quick=0
-aws_lc=1
+ring=1
 install=1
 keep=""
 concurrency=64
@@ -42,8 +43,8 @@ connections=8
 while (($#)); do
 	case "$1" in
 	--duration) duration=$2; shift 2 ;;
-	--quick) quick=1; aws_lc=0; shift ;;
-	--no-aws-lc) aws_lc=0; shift ;;
+	--quick) quick=1; ring=0; shift ;;
+	--no-ring) ring=0; shift ;;
 	--no-install) install=0; shift ;;
 	--keep) keep=$2; shift 2 ;;
 	--concurrency) concurrency=$2; shift 2 ;;
@@ -87,17 +88,17 @@ fi
 "$repo/interop/tools.sh" etcd kube-apiserver kubectl pilot-discovery
 BIN_DIR=$("$repo/interop/tools.sh" --bin-dir)
 
-# PLUGCA_BIN / PLUGCA_AWS_LC_BIN: measure these binaries instead of building (e.g. a before/after pair).
+# PLUGCA_BIN / PLUGCA_RING_BIN: measure these binaries instead of building (e.g. a before/after pair).
 PLUGCA=${PLUGCA_BIN:-$repo/target/release/plugca}
-PLUGCA_AWS=${PLUGCA_AWS_LC_BIN:-$repo/target/release/plugca-aws-lc}
+PLUGCA_RING=${PLUGCA_RING_BIN:-$repo/target/release/plugca-ring}
 if [[ -z "${PLUGCA_BIN:-}" ]]; then
 	log "building plugca (release)"
 	(cd "$repo" && cargo build --release -q)
 fi
-if ((aws_lc)) && [[ -z "${PLUGCA_AWS_LC_BIN:-}" ]]; then
-	log "building plugca --features aws-lc (release)"
+if ((ring)) && [[ -z "${PLUGCA_RING_BIN:-}" ]]; then
+	log "building plugca --no-default-features (ring, release)"
 	# Same target dir: cargo keeps both feature sets' artifacts side by side; the binary is copied away.
-	(cd "$repo" && cargo build --release -q --features aws-lc && cp target/release/plugca "$PLUGCA_AWS" && cargo build --release -q)
+	(cd "$repo" && cargo build --release -q --no-default-features && cp target/release/plugca "$PLUGCA_RING" && cargo build --release -q)
 fi
 [[ -x "$PLUGCA" ]] || die "no plugca binary at $PLUGCA"
 
@@ -404,7 +405,7 @@ sleep 2
 rss_mb() { awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 IDLE="plugca $(rss_mb "$PLUGCA_PID") MB (after one issuance), istiod $(rss_mb "$ISTIOD_PID") MB"
 
-run_offline "offline ceiling P-256" "$PLUGCA" --ca-key p256 --csr-mix p256
+run_offline "offline ceiling P-256 aws-lc" "$PLUGCA" --ca-key p256 --csr-mix p256
 # Interleaved: the same load against each server in turn.
 for auth in mtls kube; do
 	run_ghz "plugca $auth" "$PLUGCA_PID" "$PLUGCA_PORT" "$auth" ""
@@ -420,17 +421,17 @@ start_plugca plugca-nocache "$W/p256/cacerts" --token-review-cache-ttl 0s
 run_ghz "plugca kube, cache off" "$PLUGCA_PID" "$PLUGCA_PORT" kube "every request a TokenReview"
 kill "$PLUGCA_PID" "$ISTIOD_PID"
 run_cfssl "cfssl 1.2 P-256" "$W/p256/cacerts" p256
-run_plugca_bench_own "plugca own JWT P-256" "$PLUGCA" "RS256 JWKS, ring" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
+run_plugca_bench_own "plugca own JWT P-256 aws-lc" "$PLUGCA" "RS256 JWKS, aws-lc-rs" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
 LOADS+=("p256 $(load_now)")
 
 if ((!quick)); then
-	run_offline "offline ceiling RSA-2048 ring" "$PLUGCA" --ca-key rsa2048 --csr-mix p256
-	run_plugca_bench_own "plugca own JWT RSA-2048 ring" "$PLUGCA" "ring" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
-	if ((aws_lc)); then
-		run_offline "offline ceiling RSA-2048 aws-lc" "$PLUGCA_AWS" --ca-key rsa2048 --csr-mix p256
-		run_offline "offline ceiling P-256 aws-lc" "$PLUGCA_AWS" --ca-key p256 --csr-mix p256
-		run_plugca_bench_own "plugca own JWT RSA-2048 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
-		run_plugca_bench_own "plugca own JWT P-256 aws-lc" "$PLUGCA_AWS" "aws-lc" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
+	run_offline "offline ceiling RSA-2048 aws-lc" "$PLUGCA" --ca-key rsa2048 --csr-mix p256
+	run_plugca_bench_own "plugca own JWT RSA-2048 aws-lc" "$PLUGCA" "aws-lc-rs" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
+	if ((ring)); then
+		run_offline "offline ceiling RSA-2048 ring" "$PLUGCA_RING" --ca-key rsa2048 --csr-mix p256
+		run_offline "offline ceiling P-256 ring" "$PLUGCA_RING" --ca-key p256 --csr-mix p256
+		run_plugca_bench_own "plugca own JWT RSA-2048 ring" "$PLUGCA_RING" "ring" --ca-key rsa2048 --csr-mix p256 --requests 10000000 --pool 1024
+		run_plugca_bench_own "plugca own JWT P-256 ring" "$PLUGCA_RING" "ring" --ca-key p256 --csr-mix p256 --requests 10000000 --pool 1024
 	fi
 	run_cfssl "cfssl 1.2 RSA-2048" "$W/rsa2048/cacerts" rsa2048
 	run_plugca_bench_own "plugca burst 10k, 256 conc" "$PLUGCA" "distinct CSRs, identities, tokens" --ca-key p256 --csr-mix p256 --burst 10000 --concurrency 256 --connections 8 --duration 60s
