@@ -339,7 +339,6 @@ impl RefusalLogLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write as _;
 
     #[test]
     fn refusal_lines_pass_a_burst_then_the_rate_and_report_what_was_suppressed() {
