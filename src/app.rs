@@ -78,6 +78,9 @@ pub enum AppError {
 /// The one way to start a server: `main`, `plugca bench`, `plugca::testing`
 /// and the integration tests all come through here.
 pub async fn spawn(config: &Config) -> Result<Running, AppError> {
+    // The build's TLS backend as the process default before any client or
+    // server config is made (an embedding harness does not run main()).
+    crate::tls::crypto_provider();
     let app = App::build(config).await?;
     let (grpc_addr, monitoring_addr) = (app.grpc_addr(), app.monitoring_addr());
     // Target `plugca` as when the binary logged it: `plugca bench` reads it.
