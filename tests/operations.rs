@@ -239,6 +239,8 @@ fn field(line: &str, key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_health_and_reflection_are_served_on_the_grpc_port() {
     let server = Server::start(&["--cacerts-dir", CERTS]).await;
+    // tonic's client TLS uses rustls' process default provider.
+    plugca::tls::crypto_provider();
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&server.root_pem));
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.grpc))

@@ -1253,6 +1253,8 @@ async fn two_replicas_started_at_once_on_one_self_signed_secret_share_one_root()
         )
         .await
         .unwrap();
+        // kube's client TLS uses rustls' process default provider.
+        plugca::tls::crypto_provider();
         let shared_root = SharedRoot::new(
             kube::Client::try_from(config).unwrap(),
             SecretRef::parse(&shared).unwrap(),
