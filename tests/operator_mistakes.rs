@@ -53,6 +53,14 @@ fn serve_expecting_exit(cwd: &Path, args: &[&str], as_nobody: bool) -> (Option<i
     (status.code(), stderr)
 }
 
+/// [`serve_expecting_exit`] for a start that must fail with the start-error
+/// exit code; returns its stderr.
+fn start_error(cwd: &Path, args: &[&str], as_nobody: bool) -> String {
+    let (code, stderr) = serve_expecting_exit(cwd, args, as_nobody);
+    assert_eq!(code, Some(i32::from(plugca::cli::EXIT_START)), "{stderr}");
+    stderr
+}
+
 /// Starts `plugca serve <args>` and returns its log up to the `listening`
 /// line (then stops it).
 fn serve_log_until_listening(args: &[&str]) -> String {
@@ -161,12 +169,11 @@ fn a_self_signed_dir_that_is_the_cacerts_dir_under_another_spelling_is_refused()
 fn a_missing_empty_or_unreadable_cacerts_dir_stops_the_server_naming_it() {
     let base = tempfile::tempdir().unwrap();
     let typo = base.path().join("cacert");
-    let (code, stderr) = serve_expecting_exit(
+    let stderr = start_error(
         base.path(),
         &["--cacerts-dir", typo.to_str().unwrap()],
         false,
     );
-    assert_eq!(code, Some(i32::from(plugca::cli::EXIT_START)), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "plugca: error: --cacerts-dir {}: no such directory; check the path (env ROOT_CA_DIR), or pass --self-signed",
@@ -177,12 +184,11 @@ fn a_missing_empty_or_unreadable_cacerts_dir_stops_the_server_naming_it() {
 
     let empty = base.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let (code, stderr) = serve_expecting_exit(
+    let stderr = start_error(
         base.path(),
         &["--cacerts-dir", empty.to_str().unwrap()],
         false,
     );
-    assert_eq!(code, Some(i32::from(plugca::cli::EXIT_START)), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "plugca: error: --cacerts-dir {}: no CA bundle here",
@@ -193,12 +199,11 @@ fn a_missing_empty_or_unreadable_cacerts_dir_stops_the_server_naming_it() {
 
     // Unreadable even with --self-signed: a file where the directory should be.
     let file = write_temp(base.path(), "not-a-dir", "x");
-    let (code, stderr) = serve_expecting_exit(
+    let stderr = start_error(
         base.path(),
         &["--cacerts-dir", file.to_str().unwrap(), "--self-signed"],
         false,
     );
-    assert_eq!(code, Some(i32::from(plugca::cli::EXIT_START)), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "plugca: error: --cacerts-dir {}: cannot read the directory: Not a directory",
@@ -226,13 +231,12 @@ fn a_cacerts_dir_without_read_permission_is_an_error_not_a_self_signed_start() {
     let cacerts = base.path().join("cacerts");
     copy_sample_bundle(&cacerts);
     chmod(&cacerts, 0o000);
-    let (code, stderr) = serve_expecting_exit(
+    let stderr = start_error(
         base.path(),
         &["--cacerts-dir", cacerts.to_str().unwrap(), "--self-signed"],
         as_nobody,
     );
     chmod(&cacerts, 0o755);
-    assert_eq!(code, Some(i32::from(plugca::cli::EXIT_START)), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "plugca: error: --cacerts-dir {}: cannot read the directory: Permission denied",
