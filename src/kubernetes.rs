@@ -234,11 +234,8 @@ fn client(mut config: kube::Config, api_timeout: Duration) -> Result<kube::Clien
     // No read timeout: the pod watch is a long poll (the watcher has its own
     // idle timeout); each TokenReview is bounded by `api_timeout` instead.
     config.connect_timeout = Some(api_timeout);
-    // kube builds its rustls config without naming a provider: with both
-    // backends compiled into rustls (aws-lc-rs, the default) it needs the
-    // process default, which this sets to the build's backend. main() does
-    // it too, but a library caller (a harness calling `app::spawn`) may not.
-    crate::tls::crypto_provider();
+    // kube builds its rustls config without naming a provider: it takes the
+    // process default, which `app::spawn` (the only way here) has set.
     kube::Client::try_from(config).map_err(|e| e.to_string())
 }
 

@@ -236,10 +236,8 @@ fn write_lines(rx: Receiver<Msg>, out: impl std::io::Write) {
                 let _ = out.flush();
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
-                return;
-            }
+            // Every batch was flushed: nothing is left in the buffer.
+            Err(RecvTimeoutError::Disconnected) => return,
         }
         // stderr takes lines again: say once a second how many were lost.
         let total = dropped_buffer_full();
